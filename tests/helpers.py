@@ -1,0 +1,46 @@
+"""Shared by the tests: a tiny deterministic environment and a reader of TensorBoard logs."""
+
+import glob
+import os
+
+import gymnasium as gym
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+class CounterEnv(gym.Env):
+    """Observation = number of steps taken in the episode. Odd-numbered episodes terminate at step 3;
+    the others run until the TimeLimit of 5 steps truncates them. Reward 1 per step."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self):
+        self.episode = -1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.episode, self.n = self.episode + 1, 0
+        return np.array([0.0]), {}
+
+    def step(self, action):
+        self.n += 1
+        return np.array([float(self.n)]), 1.0, self.episode % 2 == 1 and self.n == 3, False, {}
+
+
+COUNTER_ID = "tests/Counter-v0"
+if COUNTER_ID not in gym.registry:
+    gym.register(COUNTER_ID, entry_point=CounterEnv, max_episode_steps=5)
+
+
+def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of the TensorBoard run in `run_dir`, as tag -> [(step, value)]."""
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def only_run_dir(root: str = "runs") -> str:
+    runs = glob.glob(os.path.join(root, "*"))
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -1,0 +1,196 @@
+"""ppo_continuous.py against hand-computed references, plus smoke, learning and command-line tests."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import ppo_continuous as ppo
+from helpers import COUNTER_ID, only_run_dir, read_scalars
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_continuous.py")
+SHARED_TAGS = [
+    "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+    "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/explained_variance",
+    "ratio/max", "ratio/min", "perf/rollout_time", "perf/update_time",
+]  # fmt: skip
+
+
+def test_gae_against_hand_computed_values():
+    # env 0: termination at t=1 (its next value 9.0 must be ignored), truncation at t=3 (its next value
+    # 7.0 = V(final obs) must be used), and the rollout ends at t=4 (bootstrap from 3.0).
+    # env 1: no episode end, constant reward 1, zero values.
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0], [4.0, 1.0], [5.0, 1.0]])
+    values = torch.tensor([[0.5, 0.0], [1.0, 0.0], [1.5, 0.0], [2.0, 0.0], [2.5, 0.0]])
+    next_values = torch.tensor([[1.0, 0.0], [9.0, 0.0], [2.0, 0.0], [7.0, 0.0], [3.0, 0.0]])
+    terminations = torch.tensor([[0.0, 0], [1, 0], [0, 0], [0, 0], [0, 0]])
+    dones = torch.tensor([[0.0, 0], [1, 0], [0, 0], [1, 0], [0, 0]])
+    advantages, returns = ppo.compute_gae(rewards, values, next_values, terminations, dones, gamma, lam)
+    # By hand, env 0: deltas 1.4, 1.0, 3.3, 8.3, 5.2 (gamma * lambda = 0.72)
+    #   A4 = 5.2; A3 = 8.3 (episode ends); A2 = 3.3 + 0.72 * 8.3; A1 = 1.0 (episode ends); A0 = 1.4 + 0.72 * 1.0
+    # env 1: deltas all 1, A_t = 1 + 0.72 A_t+1.
+    expected = torch.tensor([
+        [2.12, 2.88038656], [1.0, 2.611648], [9.276, 2.2384], [8.3, 1.72], [5.2, 1.0]
+    ])  # fmt: skip
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected + values)
+
+
+def test_ppo_loss_against_its_formula_with_clipping_on_both_sides():
+    ratio = torch.tensor([0.5, 1.5, 0.5, 1.5, 1.1, 0.9])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0, -2.0])
+    logratio = ratio.log().requires_grad_()
+    loss = ppo.ppo_loss(logratio, advantages, clip_coef=0.2)
+    # min(r A, clip(r, 0.8, 1.2) A) per sample:
+    #   0.5*1 -> 0.5 (unclipped), 1.5*1 -> 1.2 (clipped above), 0.5*-1 -> -0.8 (clipped below),
+    #   1.5*-1 -> -1.5 (unclipped), 1.1*2 -> 2.2, 0.9*-2 -> -1.8
+    assert loss.item() == pytest.approx(-(0.5 + 1.2 - 0.8 - 1.5 + 2.2 - 1.8) / 6, abs=1e-6)
+    loss.backward()
+    # d loss / d logratio = -r A / 6 where unclipped, 0 where the clipped term is the min
+    expected_grad = torch.tensor([-0.5, 0.0, 0.0, 1.5, -2.2, 1.8]) / 6
+    torch.testing.assert_close(logratio.grad, expected_grad)
+
+
+def test_value_loss_clipped_and_unclipped():
+    new, old, ret = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 1.9]), torch.tensor([2.0, 1.0, 2.0])
+    # unclipped: 0.5 * mean((1-2)^2, (0-1)^2, (2-2)^2) = 0.5 * 2/3
+    assert ppo.value_loss(new, old, ret, 0.2, clip_vloss=False).item() == pytest.approx(1 / 3)
+    # clipped V: 0.2, 0.0, 2.0 -> squared errors 3.24, 1, 0; max with unclipped 1, 1, 0
+    assert ppo.value_loss(new, old, ret, 0.2, clip_vloss=True).item() == pytest.approx(0.5 * (3.24 + 1 + 0) / 3)
+
+
+def test_running_statistics_match_numpy():
+    rng = np.random.default_rng(0)
+    stream = [rng.normal(3.0, 2.0, size=(4, 5)) for _ in range(50)]
+    normalizer = ppo.Normalizer(obs_dim=5, num_envs=4, gamma=0.9)
+    for batch in stream:
+        normalizer.obs(batch)
+    everything = np.concatenate(stream)
+    np.testing.assert_allclose(normalizer.obs_rms.mean, everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(normalizer.obs_rms.var, everything.var(0), rtol=1e-5)
+
+    rewards = rng.normal(1.0, 1.0, size=(60, 4))
+    dones = rng.random((60, 4)) < 0.1
+    discounted, returns = np.zeros(4), []
+    for t, (reward, done) in enumerate(zip(rewards, dones)):
+        scaled = normalizer.reward(reward, done)
+        discounted = 0.9 * discounted + reward
+        returns.append(discounted.copy())
+        discounted[done] = 0.0
+        # The statistics start from a prior of weight 1e-4 (as Baselines'), negligible once data has come in.
+        rtol = 1e-3 if t < 10 else 2e-5
+        np.testing.assert_allclose(scaled, reward / np.sqrt(np.var(np.concatenate(returns)) + 1e-8), rtol=rtol)
+
+
+def test_normalization_is_clipped_and_frozen_at_evaluation():
+    normalizer = ppo.Normalizer(obs_dim=2, num_envs=1, gamma=0.99)
+    for x in np.random.default_rng(1).normal(size=(100, 1, 2)):
+        normalizer.obs(x)
+    state = {k: v.copy() for k, v in vars(normalizer.obs_rms).items() if isinstance(v, np.ndarray)}
+    x = np.array([[0.5, 1e6]])
+    out = normalizer.obs(x, update=False)
+    expected = (x - state["mean"]) / np.sqrt(state["var"] + 1e-8)
+    assert out[0, 0] == pytest.approx(expected[0, 0], rel=1e-5) and out[0, 1] == 10.0
+    np.testing.assert_array_equal(normalizer.obs_rms.mean, state["mean"])
+    np.testing.assert_array_equal(normalizer.obs_rms.var, state["var"])
+
+
+def test_numpy_actor_equals_torch_actor():
+    agent = ppo.Agent(obs_dim=5, act_dim=3)
+    with torch.no_grad():
+        for p in agent.parameters():  # larger weights than the 0.01-gain init, so the check means something
+            p.normal_()
+    obs = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+    np.testing.assert_allclose(ppo.numpy_actor(agent)(obs), agent.actor_mean(torch.from_numpy(obs)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_keeps_every_acted_step_and_bootstraps_from_the_final_observation():
+    """CounterEnv: obs = steps taken in the episode; odd episodes terminate at 3, even ones are truncated at 5."""
+    envs = ppo.make_envs(COUNTER_ID, num_envs=1)
+    normalizer = ppo.Normalizer(obs_dim=1, num_envs=1, gamma=0.99)
+    obs = normalizer.obs(envs.reset(seed=0)[0])
+    batch, _, episodes = ppo.rollout(envs, ppo.Agent(1, 1), normalizer, obs, num_steps=16)
+    envs.close()
+
+    # Replay the raw observation stream through a fresh normalizer: the reference for every entry.
+    reference = ppo.Normalizer(obs_dim=1, num_envs=1, gamma=0.99)
+    expected_obs = reference.obs(np.array([[0.0]]))
+    n, episode = 0, 0
+    for t in range(16):
+        n += 1
+        terminated, truncated = episode % 2 == 1 and n == 3, n == 5
+        done = terminated or truncated
+        next_obs = reference.obs(np.array([[0.0 if done else float(n)]]))
+        final_obs = reference.obs(np.array([[float(n)]]), update=False)
+        np.testing.assert_allclose(batch["obs"][t], expected_obs, rtol=1e-6)
+        np.testing.assert_allclose(batch["next_obs"][t], final_obs if done else next_obs, rtol=1e-6)
+        assert batch["terminations"][t, 0] == terminated and batch["dones"][t, 0] == done
+        if done:
+            n, episode = 0, episode + 1
+        expected_obs = next_obs
+    # Episodes: 5 (truncated), 3 (terminated), 5 (truncated), 3 (terminated) steps; reward 1 per step, raw.
+    assert [(t, r, length) for t, r, length in episodes] == [(4, 5.0, 5), (7, 3.0, 3), (12, 5.0, 5), (15, 3.0, 3)]
+
+
+def _small_args(**kwargs) -> ppo.Args:
+    defaults = dict(env_id="InvertedPendulum-v5", total_timesteps=4096, num_steps=1024, num_minibatches=8, update_epochs=2)
+    return ppo.Args(**(defaults | kwargs))
+
+
+def test_smoke_run_writes_the_shared_tags_and_the_model():
+    summary = ppo.train(_small_args(save_model=True, exp_name="smoke"))
+    assert summary["global_step"] == 4096 and summary["mean_return"] > 0
+    run_dir = only_run_dir()
+    assert os.path.basename(run_dir).startswith("InvertedPendulum-v5__smoke__1__")
+    scalars = read_scalars(run_dir)
+    for tag in SHARED_TAGS + ["losses/clipfrac"]:
+        assert tag in scalars, tag
+    assert len(scalars["charts/SPS"]) == 4 and scalars["charts/SPS"][-1][0] == 4096
+    assert all(np.isfinite(v) for tag in SHARED_TAGS for _, v in scalars[tag])
+
+    checkpoint = torch.load(os.path.join(run_dir, "smoke.pt"), weights_only=True)
+    assert checkpoint["algo"] == "ppo_continuous" and checkpoint["args"]["env_id"] == "InvertedPendulum-v5"
+    agent = ppo.Agent(4, 1)
+    agent.load_state_dict(checkpoint["model"])
+    normalizer = ppo.Normalizer(4, 1, checkpoint["args"]["gamma"])
+    normalizer.load_state_dict(checkpoint["normalizer"])
+    assert normalizer.obs_rms.count > 4096  # every observation of the run went into the statistics
+
+
+def test_learns_inverted_pendulum():
+    """A random policy scores < 10; PPO should balance the pole within the budget."""
+    summary = ppo.train(ppo.Args(env_id="InvertedPendulum-v5", total_timesteps=100_000, num_steps=1024))
+    assert summary["mean_return"] >= 500, summary
+
+
+def test_script_copied_alone_trains_logs_and_saves(tmp_path):
+    shutil.copy(SCRIPT, tmp_path / "ppo_continuous.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "ppo_continuous.py", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048",
+           "--num-steps", "1024", "--update-epochs", "1", "--save-model"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(str(tmp_path / "runs"))
+    assert os.path.exists(os.path.join(run_dir, "ppo_continuous.pt"))
+    assert "charts/episodic_return" in read_scalars(run_dir)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--env-id", "HalfCheeta-v5"], "unknown environment id 'HalfCheeta-v5'; did you mean HalfCheetah-v5"),
+        (["--env-id", "CartPole-v1"], "CartPole-v1 has action space Discrete(2)"),
+    ],
+)
+def test_bad_input_exits_with_one_line(tmp_path, argv, message):
+    result = subprocess.run([sys.executable, SCRIPT, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()

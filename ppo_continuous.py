@@ -10,6 +10,7 @@ Defaults are the MuJoCo defaults of OpenAI Baselines' ppo2 and CleanRL's ppo_con
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import random
 import sys
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
-from torch.distributions import Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -154,13 +154,11 @@ class RunningMeanStd:
         self.count = 1e-4
 
     def update(self, x: np.ndarray) -> None:
-        batch_count = x.shape[0]
-        batch_mean = x.sum(axis=0) / batch_count
-        batch_var = np.square(x - batch_mean).sum(axis=0) / batch_count
+        batch_count, batch_mean = x.shape[0], x.mean(axis=0)
         delta = batch_mean - self.mean
         total = self.count + batch_count
-        self.mean = self.mean + delta * batch_count / total
-        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.mean = self.mean + delta * (batch_count / total)
+        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(delta) * (self.count * batch_count / total)
         self.var = m2 / total
         self.count = total
 
@@ -237,8 +235,14 @@ class Agent(nn.Module):
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
 
-    def dist(self, obs: torch.Tensor) -> Normal:
-        return Normal(self.actor_mean(obs), self.actor_logstd.exp(), validate_args=False)
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) = sum_i log N(a_i | mu_i(s), sigma_i^2)."""
+        log_std = self.actor_logstd
+        return (-0.5 * ((actions - self.actor_mean(obs)) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the Gaussian policy: sum_i (log sigma_i + 0.5 log(2 pi e)), the same in every state."""
+        return (self.actor_logstd + 0.5 * math.log(2 * math.pi * math.e)).sum()
 
 
 def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
@@ -328,7 +332,7 @@ def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float,
     values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
     advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
     batch = {
-        "obs": b["obs"], "actions": b["actions"], "logprobs": agent.dist(b["obs"]).log_prob(b["actions"]).sum(-1),
+        "obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(b["obs"], b["actions"]),
         "values": values, "advantages": advantages, "returns": returns,
     }  # fmt: skip
     return {k: v.flatten(0, 1) for k, v in batch.items()}
@@ -356,7 +360,7 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
 @torch.no_grad()
 def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The probability ratio pi_theta / pi_old over the whole batch, and the approximate KL(pi_old || pi_theta)."""
-    logratio = agent.dist(batch["obs"]).log_prob(batch["actions"]).sum(-1) - batch["logprobs"]
+    logratio = agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]
     ratio = logratio.exp()
     return {"ratio/max": ratio.max(), "ratio/min": ratio.min(), "losses/approx_kl": ((ratio - 1) - logratio).mean()}
 
@@ -368,15 +372,17 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torc
     params = list(agent.parameters())
     losses = []
     for _ in range(args.update_epochs):
-        for mb in torch.randperm(batch_size, device=batch["obs"].device).split(minibatch_size):
-            dist = agent.dist(batch["obs"][mb])
-            logratio = dist.log_prob(batch["actions"][mb]).sum(-1) - batch["logprobs"][mb]
-            advantages = batch["advantages"][mb]
+        permutation = torch.randperm(batch_size, device=batch["obs"].device)
+        shuffled = {k: v[permutation] for k, v in batch.items()}
+        for start in range(0, batch_size, minibatch_size):
+            mb = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}
+            logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
+            advantages = mb["advantages"]
             if args.norm_adv:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
             policy_loss = ppo_loss(logratio, advantages, args.clip_coef)
-            v_loss = value_loss(agent.value(batch["obs"][mb]), batch["values"][mb], batch["returns"][mb], args.clip_coef, args.clip_vloss)
-            entropy = dist.entropy().sum(-1).mean()
+            v_loss = value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.clip_coef, args.clip_vloss)
+            entropy = agent.entropy()
             loss = policy_loss - args.ent_coef * entropy + args.vf_coef * v_loss
 
             optimizer.zero_grad()

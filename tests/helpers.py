@@ -1,11 +1,10 @@
-"""Shared by the tests: a tiny deterministic environment and a reader of TensorBoard logs."""
+"""Shared by the tests: a tiny deterministic environment and the run directory of a test."""
 
 import glob
 import os
 
 import gymnasium as gym
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 class CounterEnv(gym.Env):
@@ -31,13 +30,6 @@ class CounterEnv(gym.Env):
 COUNTER_ID = "tests/Counter-v0"
 if COUNTER_ID not in gym.registry:
     gym.register(COUNTER_ID, entry_point=CounterEnv, max_episode_steps=5)
-
-
-def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """All scalars of the TensorBoard run in `run_dir`, as tag -> [(step, value)]."""
-    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
 def only_run_dir(root: str = "runs") -> str:

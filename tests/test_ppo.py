@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ppo_continuous as ppo
-from helpers import COUNTER_ID, only_run_dir, read_scalars
+from helpers import COUNTER_ID, only_run_dir
+from utils.logs import read_scalars
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ppo_continuous.py")
 SHARED_TAGS = [
@@ -109,6 +110,16 @@ def test_numpy_actor_equals_torch_actor():
             p.normal_()
     obs = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
     np.testing.assert_allclose(ppo.numpy_actor(agent)(obs), agent.actor_mean(torch.from_numpy(obs)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_log_prob_and_entropy_equal_torch_normal():
+    agent = ppo.Agent(obs_dim=5, act_dim=3)
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([-0.5, 0.0, 0.7]))
+    obs, actions = torch.randn(8, 5), torch.randn(8, 3)
+    reference = torch.distributions.Normal(agent.actor_mean(obs), agent.actor_logstd.exp())
+    torch.testing.assert_close(agent.log_prob(obs, actions), reference.log_prob(actions).sum(-1))
+    torch.testing.assert_close(agent.entropy().expand(8), reference.entropy().sum(-1))
 
 
 def test_rollout_keeps_every_acted_step_and_bootstraps_from_the_final_observation():

@@ -1,0 +1,84 @@
+"""Training speed next to environment-only speed, measured in the same sitting.
+
+    python -m utils.speed --env-id HalfCheetah-v5 --steps 40960
+
+Environment-only: one `gym.make` environment stepped with `action_space.sample()`, reset at episode
+ends, measured just before and just after each training run (the mean is the reference). Training: each script run as its own process with its default hyper-parameters and one torch
+thread; its SPS is the last `charts/SPS` it logged, and the rollout and update times per iteration
+are the means of `perf/rollout_time` and `perf/update_time`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import tyro
+
+from utils.logs import read_scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("ppo_continuous", "trefree_continuous", "trpo_continuous")
+
+
+@dataclass
+class Args:
+    env_id: str = "HalfCheetah-v5"
+    """the environment to measure"""
+    steps: int = 40960
+    """environment steps per measurement (a whole number of the scripts' batches)"""
+    scripts: tuple[str, ...] = tuple(s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, f"{s}.py")))
+    """the training scripts to measure"""
+
+
+def env_only_sps(env_id: str, steps: int, seed: int = 0) -> float:
+    env = gym.make(env_id)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    elapsed = time.perf_counter() - start
+    env.close()
+    return steps / elapsed
+
+
+def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
+    """Run `script` for `steps` steps in a temporary folder; its SPS and seconds per rollout and update."""
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", env_id, "--total-timesteps", str(steps)]
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, cwd=folder, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        scalars = read_scalars(glob.glob(os.path.join(folder, "runs", "*"))[0])
+    return {
+        "sps": scalars["charts/SPS"][-1][1],
+        "rollout_time": float(np.mean([v for _, v in scalars["perf/rollout_time"]])),
+        "update_time": float(np.mean([v for _, v in scalars["perf/update_time"]])),
+    }
+
+
+def main(args: Args) -> None:
+    """Each script's SPS next to the mean of env-only measurements taken just before and just after it."""
+    print(f"{args.env_id}, {args.steps} steps per measurement\n")
+    print("| script | SPS | env-only steps/s | % of env-only | rollout s/iter | update s/iter |")
+    print("|---|---:|---:|---:|---:|---:|")
+    before = env_only_sps(args.env_id, args.steps)
+    for script in args.scripts:
+        speed = training_speed(script, args.env_id, args.steps)
+        after = env_only_sps(args.env_id, args.steps)
+        reference, before = (before + after) / 2, after
+        print(f"| {script} | {speed['sps']:,.0f} | {reference:,.0f} | {100 * speed['sps'] / reference:.1f} | "
+              f"{speed['rollout_time']:.3f} | {speed['update_time']:.3f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

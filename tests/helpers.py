@@ -32,7 +32,8 @@ if COUNTER_ID not in gym.registry:
     gym.register(COUNTER_ID, entry_point=CounterEnv, max_episode_steps=5)
 
 
-def only_run_dir(root: str = "runs") -> str:
-    runs = glob.glob(os.path.join(root, "*"))
+def only_run_dir(pattern: str = "runs/*") -> str:
+    """The one run directory that matches `pattern`."""
+    runs = glob.glob(pattern)
     assert len(runs) == 1, runs
     return runs[0]

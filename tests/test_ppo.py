@@ -175,6 +175,19 @@ def test_smoke_run_writes_the_shared_tags_and_the_model():
     assert normalizer.obs_rms.count > 4096  # every observation of the run went into the statistics
 
 
+def test_same_seed_gives_the_same_run_and_another_seed_does_not():
+    runs = {}
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        ppo.train(_small_args(total_timesteps=2048, save_model=True, exp_name=name, seed=seed))
+        run_dir = only_run_dir(f"runs/*__{name}__*")
+        returns = [v for _, v in read_scalars(run_dir)["charts/episodic_return"]]
+        runs[name] = returns, torch.load(os.path.join(run_dir, f"{name}.pt"), weights_only=True)["model"]
+    assert runs["a"][0] == runs["b"][0]
+    assert all(torch.equal(runs["a"][1][k], runs["b"][1][k]) for k in runs["a"][1])
+    assert runs["a"][0] != runs["c"][0]
+    assert not torch.equal(runs["a"][1]["actor_logstd"], runs["c"][1]["actor_logstd"])
+
+
 def test_learns_inverted_pendulum():
     """A random policy scores < 10; PPO should balance the pole within the budget."""
     summary = ppo.train(ppo.Args(env_id="InvertedPendulum-v5", total_timesteps=100_000, num_steps=1024))
@@ -188,7 +201,7 @@ def test_script_copied_alone_trains_logs_and_saves(tmp_path):
            "--num-steps", "1024", "--update-epochs", "1", "--save-model"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    run_dir = only_run_dir(str(tmp_path / "runs"))
+    run_dir = only_run_dir(str(tmp_path / "runs" / "*"))
     assert os.path.exists(os.path.join(run_dir, "ppo_continuous.pt"))
     assert "charts/episodic_return" in read_scalars(run_dir)
 

@@ -1,0 +1,522 @@
+"""Trust-Region-Free Policy Optimization (TREFree) for continuous control (Gymnasium 1.x, MuJoCo), in one file.
+
+Sun, Ellis, Mahajan, Devlin, Hofmann, Whiteson, "Trust-Region-Free Policy Optimization for Stochastic
+Policies". Equation, algorithm and section numbers in the comments refer to that paper. TREFree
+maximises the generalized surrogate G(pi~) = E[(pi~/pi - 1) A], eq. (6), conservatively: each sample's
+term is capped at a margin delta (Algorithm 1), with no trust region on the policy. The rest follows
+Section 4: observation, reward and batch-level advantage normalization, actor and critic MLPs (2 x 64
+tanh) that share their first layer, and a learning rate decayed linearly from 3e-4 to 0.
+
+    python trefree_continuous.py --env-id Hopper-v5 --seed 1
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of the experiment (environments, torch, numpy, random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, the update runs on the GPU when one is available"""
+    capture_video: bool = False
+    """whether to record videos of the first environment to `runs/{run_name}/videos`"""
+    save_model: bool = False
+    """whether to save the model, its normalization statistics and the args to `runs/{run_name}/{exp_name}.pt`"""
+
+    env_id: str = "HalfCheetah-v5"
+    """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps of the experiment"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 1
+    """the number of parallel environments"""
+    num_steps: int = 2048
+    """the number of steps to run in each environment per policy rollout"""
+    async_envs: bool = False
+    """if toggled, step the environments in subprocesses (`AsyncVectorEnv`); useful with `--num-envs` > 1"""
+    anneal_lr: bool = True
+    """if toggled, the learning rate decays linearly to 0 over the run"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 32
+    """the number of minibatches per epoch"""
+    update_epochs: int = 10
+    """the number of epochs over each batch"""
+    norm_adv: Literal["batch", "minibatch", "none"] = "batch"
+    """normalize the advantages within the whole batch (Section 4), within each minibatch (PPO's way), or not"""
+    delta: float = 0.01
+    """the margin delta of Algorithm 1: each sample's term (r - 1) A is capped at delta"""
+    conservative: Literal["objective", "ratio", "none"] = "objective"
+    """how G is optimised (Section 3.2): cap the objective (TREFree), clip the ratio deviation, or neither"""
+    ratio_clip: float = 0.2
+    """lambda of the ratio-conservative variant, clip(r - 1, -lambda, lambda) A (`--conservative ratio`)"""
+    share_first_layer: bool = True
+    """if toggled, actor and critic share their first layer (Section 4); otherwise two separate MLPs"""
+    clip_vloss: bool = False
+    """if toggled, clip the value loss as in Baselines' ppo2, with range `vf_clip_coef` (not in the paper)"""
+    vf_clip_coef: float = 0.2
+    """the value clipping range of `--clip-vloss`"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm of the gradient"""
+    target_kl: float | None = None
+    """if set, stop the update's epochs once the batch's approximate KL exceeds it"""
+
+
+class ArgsError(ValueError):
+    """A bad command line or environment; reported as one line with exit code 2."""
+
+
+def check_args(args: Args) -> None:
+    """Reject arguments the algorithm cannot run with, before anything is built."""
+    if args.num_envs < 1 or args.num_steps < 1:
+        raise ArgsError("--num-envs and --num-steps must be positive")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        raise ArgsError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.num_envs * args.num_steps} steps)")
+    if args.num_minibatches < 1 or (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise ArgsError(f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.num_envs * args.num_steps}")
+    if args.delta <= 0 or args.ratio_clip <= 0:
+        raise ArgsError("--delta and --ratio-clip must be positive")
+
+
+def check_env(env_id: str) -> tuple[int, int]:
+    """Return (observation size, action size) of a Box-in, Box-out environment, or raise ArgsError."""
+    try:
+        env = gym.make(env_id)
+    except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
+        close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
+        raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
+    except Exception as e:  # a missing dependency, a bad entry point, ...
+        raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise ArgsError(f"{env_id} has action space {act_space}; this script needs a 1-D Box (continuous actions)")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ArgsError(f"{env_id} has observation space {obs_space}; this script needs a 1-D Box")
+    return obs_space.shape[0], act_space.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------------
+def make_envs(env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None) -> gym.vector.VectorEnv:
+    """A vector of `num_envs` environments that reset in the same step as an episode ends.
+
+    With `AutoresetMode.SAME_STEP` every action is applied to the environment: the step that ends an
+    episode returns the next episode's first observation and puts the last one in `info["final_obs"]`.
+    `RecordEpisodeStatistics` reports the raw (unnormalized) return of each finished episode.
+    """
+
+    def make_env(idx: int):
+        def thunk():
+            if video_dir is not None and idx == 0:
+                os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
+                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), video_dir)
+            return gym.make(env_id)
+
+        return thunk
+
+    vector_env = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
+    # copy=False: the rollout normalizes each observation into a new array before the next step.
+    envs = vector_env([make_env(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, copy=False)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Observation and reward normalization (Baselines' VecNormalize)
+# ---------------------------------------------------------------------------------------------------
+class RunningMeanStd:
+    """Mean and variance of a stream of batches (the parallel algorithm of Chan et al., as in Baselines)."""
+
+    def __init__(self, shape: tuple[int, ...] = ()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        batch_count, batch_mean = x.shape[0], x.mean(axis=0)
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * (batch_count / total)
+        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(delta) * (self.count * batch_count / total)
+        self.var = m2 / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": torch.tensor(self.count, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
+
+
+class Normalizer:
+    """Observations: running mean/std, clipped to ±clip. Rewards: divided by the running std of the
+    discounted return, clipped to ±clip. The statistics are part of the agent: they are saved with the
+    model and applied frozen (`update=False`) at evaluation."""
+
+    def __init__(self, obs_dim: int, num_envs: int, gamma: float, clip: float = 10.0, epsilon: float = 1e-8):
+        self.obs_rms = RunningMeanStd((obs_dim,))
+        self.ret_rms = RunningMeanStd(())
+        self.discounted_return = np.zeros(num_envs)
+        self.gamma, self.clip, self.epsilon = gamma, clip, epsilon
+
+    def obs(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.obs_rms.update(obs)
+        normalized = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
+        return np.minimum(np.maximum(normalized, -self.clip), self.clip).astype(np.float32)  # clip, but faster
+
+    def reward(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self.discounted_return = self.discounted_return * self.gamma + reward
+        self.ret_rms.update(self.discounted_return)
+        self.discounted_return[done] = 0.0
+        scaled = reward / np.sqrt(self.ret_rms.var + self.epsilon)
+        return np.minimum(np.maximum(scaled, -self.clip), self.clip).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        """The statistics as tensors, so that a checkpoint loads with `torch.load(weights_only=True)`."""
+        return {"obs_rms": self.obs_rms.state_dict(), "ret_rms": self.ret_rms.state_dict(),
+                "discounted_return": torch.as_tensor(self.discounted_return)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obs_rms.load_state_dict(state["obs_rms"])
+        self.ret_rms.load_state_dict(state["ret_rms"])
+        self.discounted_return = state["discounted_return"].numpy().copy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
+    """A 2 x `hidden` tanh MLP; the output layer is initialised with gain `out_std`."""
+    return nn.Sequential(
+        layer_init(nn.Linear(in_dim, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(hidden, out_dim), std=out_std),
+    )  # fmt: skip
+
+
+class Agent(nn.Module):
+    """Actor and critic MLPs that share their first layer (Section 4), or not; Gaussian policy with a
+    state-independent log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int, share_first_layer: bool = True):
+        super().__init__()
+        self.critic = mlp(obs_dim, 1, out_std=1.0)
+        self.actor_mean = mlp(obs_dim, act_dim, out_std=0.01)
+        if share_first_layer:
+            self.critic[0] = self.actor_mean[0]  # one nn.Linear in both: the value loss trains it too
+        self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) = sum_i log N(a_i | mu_i(s), sigma_i^2)."""
+        log_std = self.actor_logstd
+        return (-0.5 * ((actions - self.actor_mean(obs)) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the Gaussian policy: sum_i (log sigma_i + 0.5 log(2 pi e)), the same in every state."""
+        return (self.actor_logstd + 0.5 * math.log(2 * math.pi * math.e)).sum()
+
+
+def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
+    """The actor's mean mu(s) as a numpy function of a batch of observations, for the rollout.
+
+    The weights do not change during a rollout, and one call of a 64-unit MLP costs ~5x less in numpy
+    than in eager PyTorch, so the rollout runs on the CPU whatever the update's device.
+    """
+    (w1, b1), (w2, b2), (w3, b3) = [
+        (layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy())
+        for layer in agent.actor_mean
+        if isinstance(layer, nn.Linear)
+    ]
+    return lambda obs: np.tanh(np.tanh(obs @ w1 + b1) @ w2 + b2) @ w3 + b3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rollout
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray,
+            num_steps: int) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:  # fmt: skip
+    """Run the policy for `num_steps` steps in every environment.
+
+    Returns the transitions as (num_steps, num_envs, ...) arrays, the normalized observation to
+    continue from, and the finished episodes as (step index, raw return, length). `next_obs[t]` is the
+    normalized successor of `obs[t]`: the episode's final observation when it ended at t, so that a
+    truncated episode can be bootstrapped from V(final observation).
+    """
+    num_envs, act_dim = envs.num_envs, envs.single_action_space.shape[0]
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    batch = {
+        "obs": np.zeros((num_steps, num_envs, obs.shape[1]), np.float32),
+        "next_obs": np.zeros((num_steps, num_envs, obs.shape[1]), np.float32),
+        "actions": np.zeros((num_steps, num_envs, act_dim), np.float32),
+        "rewards": np.zeros((num_steps, num_envs), np.float32),
+        "terminations": np.zeros((num_steps, num_envs), np.float32),
+        "dones": np.zeros((num_steps, num_envs), np.float32),
+    }
+    episodes = []
+    actor_mean = numpy_actor(agent)
+    noise = (agent.actor_logstd.exp() * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
+    for t in range(num_steps):
+        action = actor_mean(obs) + noise[t]  # a = mu(s) + sigma * eps ~ N(mu(s), sigma^2)
+        # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
+        raw_obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
+        done = terminated | truncated
+        next_obs = normalizer.obs(raw_obs)
+        batch["obs"][t], batch["actions"][t], batch["next_obs"][t] = obs, action, next_obs
+        batch["rewards"][t] = normalizer.reward(reward, done)
+        batch["terminations"][t], batch["dones"][t] = terminated, done
+        if done.any():
+            final = info["_final_obs"]
+            batch["next_obs"][t, final] = normalizer.obs(np.stack(info["final_obs"][final]), update=False)
+            ended = info["_episode"]
+            episodes += [(t, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+        obs = next_obs
+    return batch, obs, episodes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generalized advantage estimation
+# ---------------------------------------------------------------------------------------------------
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminations: torch.Tensor,
+                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GAE(gamma, lambda) of Schulman et al. (2016) over (num_steps, num_envs) tensors.
+
+    `next_values[t]` is V of the successor of step t (V(final observation) where the episode ended).
+    A termination has no future value; a truncation keeps it. Any episode end stops the recursion.
+    Returns the advantages and the value targets (advantages + values).
+    """
+    deltas = rewards + gamma * next_values * (1.0 - terminations) - values  # delta_t = r_t + gamma V(s_t+1) - V(s_t)
+    discounts = gamma * gae_lambda * (1.0 - dones)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        last = deltas[t] + discounts[t] * last  # A_t = delta_t + gamma lambda A_t+1
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+@torch.no_grad()
+def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float,
+               device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env)."""
+    b = {k: torch.from_numpy(v).to(device) for k, v in rollout_batch.items()}
+    values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
+    advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
+    batch = {
+        "obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(b["obs"], b["actions"]),
+        "values": values, "advantages": advantages, "returns": returns,
+    }  # fmt: skip
+    return {k: v.flatten(0, 1) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# TREFree loss and update
+# ---------------------------------------------------------------------------------------------------
+def trefree_loss(logratio: torch.Tensor, advantages: torch.Tensor, delta: float, conservative: str = "objective",
+                 ratio_clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Negative conservative surrogate -L(theta) (Section 3.2), and which samples' terms are capped (zero gradient)."""
+    deviation = logratio.exp() - 1  # the ratio deviation r - 1, r = pi_theta(a|s) / pi(a|s)
+    if conservative == "objective":  # objective-conservative, TREFree (Algorithm 1)
+        term = deviation * advantages
+        capped = term > delta
+        term = term.clamp(max=delta)  # min((r - 1) A, delta): only the upper side is capped
+    elif conservative == "ratio":  # ratio-conservative
+        capped = deviation.abs() > ratio_clip
+        term = deviation.clamp(-ratio_clip, ratio_clip) * advantages  # clip(r - 1, -lambda, lambda) A
+    else:  # non-conservative: the surrogate G of eq. (6), optimised for several epochs as it is
+        capped = torch.zeros_like(deviation, dtype=torch.bool)
+        term = deviation * advantages  # (r - 1) A
+    return -term.mean(), capped
+
+
+def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: float,
+               clip_vloss: bool) -> torch.Tensor:  # fmt: skip
+    """0.5 (V - R)^2; with `clip_vloss` the pessimistic max over V and V clipped to old_V ± clip_coef (Baselines)."""
+    loss = (new_values - returns) ** 2
+    if clip_vloss:
+        clipped = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * loss.mean()
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance."""
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+@torch.no_grad()
+def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The probability ratio r = pi_theta / pi_old over the whole batch (its extremes and the 5th and 95th
+    percentiles of log r), the approximate KL(pi_old || pi_theta) and the uncapped surrogate G, eq. (6)."""
+    logratio = agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]
+    ratio = logratio.exp()
+    log_p05, log_p95 = torch.quantile(logratio, torch.tensor([0.05, 0.95], device=logratio.device))
+    return {
+        "ratio/max": ratio.max(), "ratio/min": ratio.min(), "ratio/log_p95": log_p95, "ratio/log_p05": log_p05,
+        "losses/approx_kl": ((ratio - 1) - logratio).mean(), "losses/objective": ((ratio - 1) * batch["advantages"]).mean(),
+    }  # fmt: skip
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args) -> dict[str, float]:
+    """`update_epochs` passes of minibatch gradient steps on -L + vf_coef * value loss; returns the iteration's statistics."""
+    batch_size = batch["obs"].shape[0]
+    minibatch_size = batch_size // args.num_minibatches
+    if args.norm_adv == "batch":  # Section 4: advantages are normalized "only within a training batch"
+        batch = batch | {"advantages": standardize(batch["advantages"])}
+    params = list(agent.parameters())
+    losses = []
+    for _ in range(args.update_epochs):
+        permutation = torch.randperm(batch_size, device=batch["obs"].device)
+        shuffled = {k: v[permutation] for k, v in batch.items()}
+        for start in range(0, batch_size, minibatch_size):
+            mb = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}
+            logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
+            advantages = standardize(mb["advantages"]) if args.norm_adv == "minibatch" else mb["advantages"]
+            policy_loss, capped = trefree_loss(logratio, advantages, args.delta, args.conservative, args.ratio_clip)
+            v_loss = value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.vf_clip_coef, args.clip_vloss)
+            entropy = agent.entropy()
+            loss = policy_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            losses.append(torch.stack([policy_loss, v_loss, entropy, capped.float().mean()]).detach())
+        if args.target_kl is not None and ratio_stats(agent, batch)["losses/approx_kl"] > args.target_kl:
+            break
+    policy_loss, v_loss, entropy, capfrac = torch.stack(losses).mean(0).tolist()
+    stats = {"losses/policy_loss": policy_loss, "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/capfrac": capfrac}
+    return stats | {k: v.item() for k, v in ratio_stats(agent, batch).items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R): 1 is a perfect value function, 0 no better than a constant."""
+    var_returns = returns.var()
+    return float("nan") if var_returns == 0 else (1 - (returns - values).var() / var_returns).item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+def save_model(path: str, agent: Agent, normalizer: Normalizer, args: Args) -> None:
+    """Everything needed to rebuild and evaluate the policy: weights, normalization statistics, args."""
+    checkpoint = {"algo": "trefree_continuous", "args": asdict(args), "model": agent.state_dict(), "normalizer": normalizer.state_dict()}
+    torch.save(checkpoint, path)
+
+
+def train(args: Args) -> dict[str, float]:
+    """Train TREFree; returns the final global step and the mean raw return of the last 10 episodes."""
+    check_args(args)
+    obs_dim, act_dim = check_env(args.env_id)
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None)
+    agent = Agent(obs_dim, act_dim, args.share_first_layer).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
+
+    obs = normalizer.obs(envs.reset(seed=args.seed)[0])
+    recent_returns = deque(maxlen=10)
+    global_step, start_time = 0, time.perf_counter()
+    progress = tqdm(total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.learning_rate
+        optimizer.param_groups[0]["lr"] = lr
+
+        rollout_start = time.perf_counter()
+        rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
+        for t, episodic_return, episodic_length in episodes:
+            step = global_step + (t + 1) * args.num_envs
+            writer.add_scalar("charts/episodic_return", episodic_return, step)
+            writer.add_scalar("charts/episodic_length", episodic_length, step)
+            recent_returns.append(episodic_return)
+        global_step += batch_size
+
+        update_start = time.perf_counter()
+        batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
+        stats = update(agent, optimizer, batch, args)
+        update_end = time.perf_counter()
+
+        sps = int(global_step / (update_end - start_time))
+        stats |= {
+            "charts/SPS": sps, "charts/learning_rate": lr,
+            "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
+            "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
+        }  # fmt: skip
+        for tag, value in stats.items():
+            writer.add_scalar(tag, value, global_step)
+        mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+        progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
+        progress.update(batch_size)
+
+    progress.close()
+    if args.save_model:
+        save_model(os.path.join(run_dir, f"{args.exp_name}.pt"), agent, normalizer, args)
+    envs.close()
+    writer.close()
+    return {"global_step": global_step, "mean_return": mean_return}
+
+
+if __name__ == "__main__":
+    try:
+        train(tyro.cli(Args))
+    except ArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

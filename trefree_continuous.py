@@ -238,7 +238,8 @@ def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Seque
 
 class Agent(nn.Module):
     """Actor and critic MLPs that share their first layer (Section 4), or not; Gaussian policy with a
-    state-independent log-std."""
+    state-independent log-std (Section 4's "mean and variance parameterized by the actor", read as
+    Baselines implements it: the log-std is a free parameter of the actor, not an output)."""
 
     def __init__(self, obs_dim: int, act_dim: int, share_first_layer: bool = True):
         super().__init__()

@@ -15,7 +15,7 @@ from helpers import COUNTER_ID, only_run_dir
 from utils.logs import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["ppo_continuous", "trefree_continuous"]
+SCRIPTS = ["ppo_continuous", "trefree_continuous", "trpo_continuous"]
 SHARED_TAGS = [
     "charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
     "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/explained_variance",
@@ -24,6 +24,7 @@ SHARED_TAGS = [
 OWN_TAGS = {
     "ppo_continuous": ["losses/clipfrac"],
     "trefree_continuous": ["losses/capfrac", "losses/objective", "ratio/log_p95", "ratio/log_p05"],
+    "trpo_continuous": ["trpo/kl", "trpo/surrogate_improvement", "trpo/line_search_steps", "trpo/cg_residual", "trpo/step_norm"],
 }
 # Calibrated: each reaches the maximum return of 1000 on seeds 1-3 within this budget. TREFree moves the
 # policy little per iteration (the delta cap), so it gets more, smaller batches for the same steps.
@@ -144,7 +145,7 @@ def test_rollout_keeps_every_acted_step_and_bootstraps_from_the_final_observatio
 
 
 def _small_args(algo, **kwargs):
-    defaults = dict(env_id="InvertedPendulum-v5", total_timesteps=4096, num_steps=1024, num_minibatches=8, update_epochs=2)
+    defaults = dict(env_id="InvertedPendulum-v5", total_timesteps=4096, num_steps=1024)
     return algo.Args(**(defaults | kwargs))
 
 
@@ -192,7 +193,7 @@ def test_script_copied_alone_trains_logs_and_saves(tmp_path, script):
     shutil.copy(os.path.join(ROOT, f"{script}.py"), tmp_path / f"{script}.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, f"{script}.py", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048",
-           "--num-steps", "1024", "--update-epochs", "1", "--save-model"]  # fmt: skip
+           "--num-steps", "1024", "--save-model"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(str(tmp_path / "runs" / "*"))

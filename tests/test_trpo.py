@@ -1,0 +1,137 @@
+"""TRPO's own pieces against independent references: conjugate gradient, the Fisher-vector products
+(an explicit Hessian, a dense score matrix), the analytic KL, and the line search's guarantees."""
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
+
+import trpo_continuous as trpo
+
+
+def _tiny_agent(obs_dim: int = 3, act_dim: int = 2) -> trpo.Agent:
+    """An agent whose policy is a 3-unit MLP, so that its Hessian is small enough to form; float64."""
+    torch.manual_seed(0)
+    agent = trpo.Agent(obs_dim, act_dim)
+    agent.actor_mean = trpo.mlp(obs_dim, act_dim, out_std=1.0, hidden=3)
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([-0.3, 0.4]))
+    return agent.double()
+
+
+def test_conjugate_gradient_solves_a_random_spd_system():
+    torch.manual_seed(0)
+    m = torch.randn(20, 20, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(20, dtype=torch.float64)
+    b = torch.randn(20, dtype=torch.float64)
+    x, residual = trpo.conjugate_gradient(lambda v: a @ v, b, iters=60)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-6, atol=1e-6)
+    assert residual < 1e-5 and residual == pytest.approx((b - a @ x).norm().item(), abs=1e-6)
+
+
+def test_gaussian_kl_equals_torch_kl_divergence():
+    mean_old, mean = torch.randn(5, 3), torch.randn(5, 3)
+    log_std_old, log_std = torch.tensor([0.1, -0.5, 0.3]), torch.tensor([-0.2, 0.0, 0.6])
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean_old, log_std_old.exp()), torch.distributions.Normal(mean, log_std.exp())
+    ).sum(-1)
+    torch.testing.assert_close(trpo.gaussian_kl(mean_old, log_std_old, mean, log_std), reference)
+
+
+def _kl_hessian(agent: trpo.Agent, obs: torch.Tensor) -> torch.Tensor:
+    """The explicit Hessian of the mean KL(pi_old || pi_theta) at theta = theta_old, by torch.autograd.functional."""
+    params = agent.policy_parameters()
+    names = [name for name, _ in agent.actor_mean.named_parameters()]
+    with torch.no_grad():
+        mean_old, log_std_old = agent.actor_mean(obs), agent.actor_logstd.clone()
+
+    def mean_kl_of(theta: torch.Tensor) -> torch.Tensor:
+        chunks = theta.split([p.numel() for p in params])
+        mean_params = {name: c.view_as(p) for name, c, p in zip(names, chunks, params)}
+        mean = functional_call(agent.actor_mean, mean_params, (obs,))
+        return trpo.gaussian_kl(mean_old, log_std_old, mean, chunks[-1]).mean()
+
+    return torch.autograd.functional.hessian(mean_kl_of, parameters_to_vector(params).detach())
+
+
+def test_analytic_fvp_equals_the_explicit_hessian_of_the_mean_kl():
+    agent = _tiny_agent()
+    obs = torch.randn(10, 3, dtype=torch.float64)
+    hessian = _kl_hessian(agent, obs)
+    mean = agent.actor_mean(obs)
+    kl = trpo.gaussian_kl(mean.detach(), agent.actor_logstd.detach(), mean, agent.actor_logstd).mean()
+    fvp = trpo.analytic_fvp(kl, agent.policy_parameters(), damping=0.1)
+    for _ in range(3):
+        v = torch.randn(hessian.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(fvp(v), hessian @ v + 0.1 * v)
+
+
+def test_empirical_fvp_equals_the_dense_score_covariance():
+    agent = _tiny_agent()
+    obs, actions = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    params = agent.policy_parameters()
+    rows = []  # one backward pass per sample: the reference score matrix
+    for o, a in zip(obs, actions):
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(agent.log_prob(o[None], a[None]).sum(), params)]))
+    dense = torch.stack(rows)
+    scores = trpo.score_matrix(agent, obs, actions)
+    torch.testing.assert_close(scores, dense)
+    v = torch.randn(dense.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(trpo.empirical_fvp(scores, damping=0.1)(v), dense.T @ (dense @ v) / 12 + 0.1 * v)
+
+
+def test_line_search_takes_the_first_step_inside_the_kl_bound():
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    c = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    full_step = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    # KL = 5 |theta|^2: 10 at the full step, 10 / 4^k after k halvings, first <= 0.01 at k = 5
+    steps, kl, improvement = trpo.line_search([theta], full_step, lambda: theta @ c, lambda: 5 * (theta**2).sum(), 0.01, 10)
+    assert steps == 5 and kl == pytest.approx(10 / 4**5) and improvement == pytest.approx(1.5 / 2**5)
+    torch.testing.assert_close(theta.detach(), full_step / 2**5)
+
+
+def test_line_search_never_exceeds_the_bound_and_restores_theta_when_nothing_improves():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        theta_old = torch.randn(4, dtype=torch.float64, generator=generator)
+        theta = torch.nn.Parameter(theta_old.clone())
+        c = torch.randn(4, dtype=torch.float64, generator=generator)  # surrogate c . theta: may rise or fall
+        scale = 10 ** torch.empty(1).uniform_(-3, 3, generator=generator).item()
+        full_step = torch.randn(4, dtype=torch.float64, generator=generator)
+        steps, kl, improvement = trpo.line_search(
+            [theta], full_step, lambda: theta @ c, lambda: scale * ((theta - theta_old) ** 2).sum(), 0.01, 10
+        )
+        measured_kl = (scale * ((theta - theta_old) ** 2).sum()).item()
+        if steps >= 0:
+            assert measured_kl <= 0.01 and kl == pytest.approx(measured_kl) and improvement > 0
+            torch.testing.assert_close(theta.detach(), theta_old + 0.5**steps * full_step)
+        else:
+            assert torch.equal(theta.detach(), theta_old)
+    # a surrogate that falls along the step: rejected, theta_old kept exactly
+    theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    steps, _, _ = trpo.line_search([theta], torch.ones(2, dtype=torch.float64), lambda: -theta.sum(), lambda: theta.sum() * 0, 0.01, 10)
+    assert steps == -1 and torch.equal(theta.detach(), torch.ones(2, dtype=torch.float64))
+
+
+def test_penalty_step_rule_takes_a_fixed_natural_gradient_step():
+    """--step-rule penalty: theta moves by exactly eta (A + damping I)^-1 g, whatever the KL (Section 7, eq. 18)."""
+    agent = _tiny_agent()
+    obs, actions, advantages = torch.randn(64, 3), torch.randn(64, 2), torch.randn(64)
+    batch = {"obs": obs, "actions": actions, "advantages": advantages, "values": torch.zeros(64), "returns": torch.randn(64)}
+    batch = {k: v.double() for k, v in batch.items()}
+    with torch.no_grad():
+        batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
+    # References at theta_old: g = grad E[r A] = E[A grad log pi] (advantages standardized), and A explicitly.
+    normalized = (batch["advantages"] - batch["advantages"].mean()) / (batch["advantages"].std() + 1e-8)
+    params = agent.policy_parameters()
+    g = torch.cat([p.flatten() for p in torch.autograd.grad((agent.log_prob(batch["obs"], batch["actions"]) * normalized).mean(), params)])
+    hessian = _kl_hessian(agent, batch["obs"])
+    theta_old = parameters_to_vector(params).detach().clone()
+
+    args = trpo.Args(step_rule="penalty", npg_step_size=0.5, cg_iters=200, num_minibatches=4, vf_iters=1)
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    step = parameters_to_vector(agent.policy_parameters()).detach() - theta_old
+    identity = torch.eye(len(g), dtype=torch.float64)
+    # CG stops once its residual norm is below 1e-5 (||r||^2 < 1e-10); g itself has norm ~0.1 here.
+    assert ((hessian + 0.1 * identity) @ step / 0.5 - g).norm() < 2e-5 and g.norm() > 1e-2
+    assert stats["trpo/line_search_steps"] == 0 and stats["trpo/step_norm"] == pytest.approx(step.norm().item())

@@ -1,0 +1,592 @@
+"""Trust Region Policy Optimization (TRPO), single path, for continuous control (Gymnasium 1.x, MuJoCo), in one file.
+
+Schulman, Levine, Moritz, Jordan, Abbeel (2015), "Trust Region Policy Optimization". Equation and
+section numbers in the comments refer to that paper. Each iteration solves problem (15): maximise the
+importance-sampled surrogate E[pi_theta(a|s) / pi_old(a|s) A] subject to the mean KL(pi_old || pi_theta)
+<= delta, by conjugate gradient on Fisher-vector products and a backtracking line search (Section 6,
+Appendix C). The value function is a separate MLP fitted by Adam. Defaults are those of OpenAI
+Baselines' trpo_mpi on MuJoCo; observations and rewards are normalized as in the other two scripts.
+Two ablations of Section 8.1 are flags: the empirical Fisher matrix, and the natural policy gradient
+with a fixed step size instead of the KL constraint.
+
+    python trpo_continuous.py --env-id Hopper-v5 --seed 1
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Annotated, Callable, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.func import functional_call, grad, vmap
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory's name)"""
+    seed: int = 1
+    """seed of the experiment (environments, torch, numpy, random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, the update runs on the GPU when one is available"""
+    capture_video: bool = False
+    """whether to record videos of the first environment to `runs/{run_name}/videos`"""
+    save_model: bool = False
+    """whether to save the model, its normalization statistics and the args to `runs/{run_name}/{exp_name}.pt`"""
+
+    env_id: str = "HalfCheetah-v5"
+    """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps of the experiment"""
+    vf_learning_rate: Annotated[float, tyro.conf.arg(aliases=("--learning-rate",))] = 1e-3
+    """the learning rate of the value function's Adam (the policy's step is set by --max-kl)"""
+    num_envs: int = 1
+    """the number of parallel environments"""
+    num_steps: int = 1024
+    """the number of steps to run in each environment per policy rollout"""
+    async_envs: bool = False
+    """if toggled, step the environments in subprocesses (`AsyncVectorEnv`); useful with `--num-envs` > 1"""
+    anneal_lr: bool = False
+    """if toggled, the value function's learning rate decays linearly to 0 over the run"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.98
+    """the lambda of generalized advantage estimation"""
+    num_minibatches: int = 16
+    """the number of minibatches per epoch of the value function's fit"""
+    vf_iters: int = 5
+    """the number of epochs of the value function's fit over each batch"""
+    norm_adv: bool = True
+    """if toggled, normalize the advantages within the whole batch"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus in the surrogate"""
+    max_kl: float = 0.01
+    """the trust region delta: the bound on the mean KL(pi_old || pi_theta) of problem (13)"""
+    cg_iters: int = 10
+    """the number of conjugate gradient iterations"""
+    cg_damping: float = 0.1
+    """damping added to the Fisher matrix: (A + damping I) s = g"""
+    line_search_steps: int = 10
+    """the number of backtracking steps (each halves the step) before the update is rejected"""
+    fisher: Literal["analytic", "empirical"] = "analytic"
+    """the Fisher matrix: Hessian of the mean KL (TRPO) or covariance of the score gradients (Section 8.1 ablation)"""
+    step_rule: Literal["constraint", "penalty"] = "constraint"
+    """KL-constrained step with line search (TRPO), or a fixed-size natural gradient step (Section 8.1 ablation)"""
+    npg_step_size: float = 0.1
+    """the fixed step size lambda of `--step-rule penalty`: theta += lambda A^-1 g"""
+
+
+class ArgsError(ValueError):
+    """A bad command line or environment; reported as one line with exit code 2."""
+
+
+def check_args(args: Args) -> None:
+    """Reject arguments the algorithm cannot run with, before anything is built."""
+    if args.num_envs < 1 or args.num_steps < 1:
+        raise ArgsError("--num-envs and --num-steps must be positive")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        raise ArgsError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.num_envs * args.num_steps} steps)")
+    if args.num_minibatches < 1 or (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise ArgsError(f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.num_envs * args.num_steps}")
+    if args.max_kl <= 0 or args.cg_damping < 0 or args.npg_step_size <= 0:
+        raise ArgsError("--max-kl and --npg-step-size must be positive, --cg-damping non-negative")
+
+
+def check_env(env_id: str) -> tuple[int, int]:
+    """Return (observation size, action size) of a Box-in, Box-out environment, or raise ArgsError."""
+    try:
+        env = gym.make(env_id)
+    except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
+        close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
+        raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
+    except Exception as e:  # a missing dependency, a bad entry point, ...
+        raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise ArgsError(f"{env_id} has action space {act_space}; this script needs a 1-D Box (continuous actions)")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ArgsError(f"{env_id} has observation space {obs_space}; this script needs a 1-D Box")
+    return obs_space.shape[0], act_space.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------------
+def make_envs(env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None) -> gym.vector.VectorEnv:
+    """A vector of `num_envs` environments that reset in the same step as an episode ends.
+
+    With `AutoresetMode.SAME_STEP` every action is applied to the environment: the step that ends an
+    episode returns the next episode's first observation and puts the last one in `info["final_obs"]`.
+    `RecordEpisodeStatistics` reports the raw (unnormalized) return of each finished episode.
+    """
+
+    def make_env(idx: int):
+        def thunk():
+            if video_dir is not None and idx == 0:
+                os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
+                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), video_dir)
+            return gym.make(env_id)
+
+        return thunk
+
+    vector_env = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
+    # copy=False: the rollout normalizes each observation into a new array before the next step.
+    envs = vector_env([make_env(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, copy=False)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Observation and reward normalization (Baselines' VecNormalize)
+# ---------------------------------------------------------------------------------------------------
+class RunningMeanStd:
+    """Mean and variance of a stream of batches (the parallel algorithm of Chan et al., as in Baselines)."""
+
+    def __init__(self, shape: tuple[int, ...] = ()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        batch_count, batch_mean = x.shape[0], x.mean(axis=0)
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * (batch_count / total)
+        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(delta) * (self.count * batch_count / total)
+        self.var = m2 / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": torch.tensor(self.count, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
+
+
+class Normalizer:
+    """Observations: running mean/std, clipped to ±clip. Rewards: divided by the running std of the
+    discounted return, clipped to ±clip. The statistics are part of the agent: they are saved with the
+    model and applied frozen (`update=False`) at evaluation."""
+
+    def __init__(self, obs_dim: int, num_envs: int, gamma: float, clip: float = 10.0, epsilon: float = 1e-8):
+        self.obs_rms = RunningMeanStd((obs_dim,))
+        self.ret_rms = RunningMeanStd(())
+        self.discounted_return = np.zeros(num_envs)
+        self.gamma, self.clip, self.epsilon = gamma, clip, epsilon
+
+    def obs(self, obs: np.ndarray, update: bool = True) -> np.ndarray:
+        if update:
+            self.obs_rms.update(obs)
+        normalized = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
+        return np.minimum(np.maximum(normalized, -self.clip), self.clip).astype(np.float32)  # clip, but faster
+
+    def reward(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
+        self.discounted_return = self.discounted_return * self.gamma + reward
+        self.ret_rms.update(self.discounted_return)
+        self.discounted_return[done] = 0.0
+        scaled = reward / np.sqrt(self.ret_rms.var + self.epsilon)
+        return np.minimum(np.maximum(scaled, -self.clip), self.clip).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        """The statistics as tensors, so that a checkpoint loads with `torch.load(weights_only=True)`."""
+        return {"obs_rms": self.obs_rms.state_dict(), "ret_rms": self.ret_rms.state_dict(),
+                "discounted_return": torch.as_tensor(self.discounted_return)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obs_rms.load_state_dict(state["obs_rms"])
+        self.ret_rms.load_state_dict(state["ret_rms"])
+        self.discounted_return = state["discounted_return"].numpy().copy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
+    """A 2 x `hidden` tanh MLP; the output layer is initialised with gain `out_std`."""
+    return nn.Sequential(
+        layer_init(nn.Linear(in_dim, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(hidden, out_dim), std=out_std),
+    )  # fmt: skip
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """sum_i log N(a_i | mean_i, exp(log_std_i)^2)."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class Agent(nn.Module):
+    """Separate policy (actor) and value (critic) MLPs; Gaussian policy with a state-independent log-std."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.critic = mlp(obs_dim, 1, out_std=1.0)
+        self.actor_mean = mlp(obs_dim, act_dim, out_std=0.01)
+        self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s) = sum_i log N(a_i | mu_i(s), sigma_i^2)."""
+        return gaussian_log_prob(self.actor_mean(obs), self.actor_logstd, actions)
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """theta: the parameters of pi, in the order of the flat vectors of the natural gradient step."""
+        return [*self.actor_mean.parameters(), self.actor_logstd]
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the Gaussian policy: sum_i (log sigma_i + 0.5 log(2 pi e)), the same in every state."""
+        return (self.actor_logstd + 0.5 * math.log(2 * math.pi * math.e)).sum()
+
+
+def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
+    """The actor's mean mu(s) as a numpy function of a batch of observations, for the rollout.
+
+    The weights do not change during a rollout, and one call of a 64-unit MLP costs ~5x less in numpy
+    than in eager PyTorch, so the rollout runs on the CPU whatever the update's device.
+    """
+    (w1, b1), (w2, b2), (w3, b3) = [
+        (layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy())
+        for layer in agent.actor_mean
+        if isinstance(layer, nn.Linear)
+    ]
+    return lambda obs: np.tanh(np.tanh(obs @ w1 + b1) @ w2 + b2) @ w3 + b3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rollout
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray,
+            num_steps: int) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:  # fmt: skip
+    """Run the policy for `num_steps` steps in every environment.
+
+    Returns the transitions as (num_steps, num_envs, ...) arrays, the normalized observation to
+    continue from, and the finished episodes as (step index, raw return, length). `next_obs[t]` is the
+    normalized successor of `obs[t]`: the episode's final observation when it ended at t, so that a
+    truncated episode can be bootstrapped from V(final observation).
+    """
+    num_envs, act_dim = envs.num_envs, envs.single_action_space.shape[0]
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    batch = {
+        "obs": np.zeros((num_steps, num_envs, obs.shape[1]), np.float32),
+        "next_obs": np.zeros((num_steps, num_envs, obs.shape[1]), np.float32),
+        "actions": np.zeros((num_steps, num_envs, act_dim), np.float32),
+        "rewards": np.zeros((num_steps, num_envs), np.float32),
+        "terminations": np.zeros((num_steps, num_envs), np.float32),
+        "dones": np.zeros((num_steps, num_envs), np.float32),
+    }
+    episodes = []
+    actor_mean = numpy_actor(agent)
+    noise = (agent.actor_logstd.exp() * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
+    for t in range(num_steps):
+        action = actor_mean(obs) + noise[t]  # a = mu(s) + sigma * eps ~ N(mu(s), sigma^2)
+        # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
+        raw_obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
+        done = terminated | truncated
+        next_obs = normalizer.obs(raw_obs)
+        batch["obs"][t], batch["actions"][t], batch["next_obs"][t] = obs, action, next_obs
+        batch["rewards"][t] = normalizer.reward(reward, done)
+        batch["terminations"][t], batch["dones"][t] = terminated, done
+        if done.any():
+            final = info["_final_obs"]
+            batch["next_obs"][t, final] = normalizer.obs(np.stack(info["final_obs"][final]), update=False)
+            ended = info["_episode"]
+            episodes += [(t, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+        obs = next_obs
+    return batch, obs, episodes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generalized advantage estimation
+# ---------------------------------------------------------------------------------------------------
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminations: torch.Tensor,
+                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GAE(gamma, lambda) of Schulman et al. (2016) over (num_steps, num_envs) tensors.
+
+    `next_values[t]` is V of the successor of step t (V(final observation) where the episode ended).
+    A termination has no future value; a truncation keeps it. Any episode end stops the recursion.
+    Returns the advantages and the value targets (advantages + values).
+    """
+    deltas = rewards + gamma * next_values * (1.0 - terminations) - values  # delta_t = r_t + gamma V(s_t+1) - V(s_t)
+    discounts = gamma * gae_lambda * (1.0 - dones)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        last = deltas[t] + discounts[t] * last  # A_t = delta_t + gamma lambda A_t+1
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+@torch.no_grad()
+def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float,
+               device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env)."""
+    b = {k: torch.from_numpy(v).to(device) for k, v in rollout_batch.items()}
+    values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
+    advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
+    batch = {
+        "obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(b["obs"], b["actions"]),
+        "values": values, "advantages": advantages, "returns": returns,
+    }  # fmt: skip
+    return {k: v.flatten(0, 1) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# TRPO update: natural gradient by conjugate gradient, line search on the KL constraint
+# ---------------------------------------------------------------------------------------------------
+def gaussian_kl(mean_old: torch.Tensor, log_std_old: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_old, sigma_old^2) || N(mean, sigma^2)) per state, summed over action dimensions."""
+    var_old, var = (2 * log_std_old).exp(), (2 * log_std).exp()
+    return (log_std - log_std_old + (var_old + (mean_old - mean) ** 2) / (2 * var) - 0.5).sum(-1)
+
+
+def analytic_fvp(kl: torch.Tensor, params: list[nn.Parameter], damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> (A + damping I) v, A the Hessian of the mean KL at theta_old (Section 6, Appendix C), by double
+    backprop: A v = grad((grad KL) . v). No matrix is formed."""
+    grad_kl = torch.cat([g.flatten() for g in torch.autograd.grad(kl, params, create_graph=True)])
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        hessian_v = torch.autograd.grad(grad_kl @ v, params, retain_graph=True)
+        return torch.cat([h.flatten() for h in hessian_v]) + damping * v
+
+    return fvp
+
+
+def score_matrix(agent: Agent, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """G[n] = grad_theta log pi_theta(a_n | s_n), one row per sample, in the order of `policy_parameters`."""
+    names = [name for name, _ in agent.actor_mean.named_parameters()]
+
+    def log_prob(mean_params: dict, log_std: torch.Tensor, o: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return gaussian_log_prob(functional_call(agent.actor_mean, mean_params, (o,)), log_std, a)
+
+    mean_params = {name: p.detach() for name, p in agent.actor_mean.named_parameters()}
+    per_sample = vmap(grad(log_prob, argnums=(0, 1)), in_dims=(None, None, 0, 0))
+    mean_grads, log_std_grads = per_sample(mean_params, agent.actor_logstd.detach(), obs, actions)
+    return torch.cat([mean_grads[name].flatten(1) for name in names] + [log_std_grads], dim=1)
+
+
+def empirical_fvp(scores: torch.Tensor, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v -> (F + damping I) v, F = (1/N) G^T G the covariance of the score gradients (Section 6's alternative)."""
+    return lambda v: scores.T @ (scores @ v) / scores.shape[0] + damping * v
+
+
+def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
+                       residual_tol: float = 1e-10) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """Approximately solve A x = b for symmetric positive-definite A given only v -> A v (Appendix C).
+    Returns x and the norm of the residual r = b - A x that the iteration maintains."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        ap = avp(p)
+        alpha = rr / (p @ ap)
+        x += alpha * p
+        r -= alpha * ap
+        rr_new = r @ r
+        if rr_new < residual_tol:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x, r.norm().item()
+
+
+@torch.no_grad()
+def line_search(params: list[nn.Parameter], full_step: torch.Tensor, surrogate: Callable[[], torch.Tensor],
+                kl: Callable[[], torch.Tensor], max_kl: float, steps: int) -> tuple[int, float, float]:  # fmt: skip
+    """Backtracking line search (Appendix C): try theta_old + 0.5^k full_step for k = 0, 1, ... and keep the
+    first step that improves the surrogate with a measured mean KL <= max_kl (the bound itself, no
+    tolerance). If none does, theta_old is restored. Returns (k or -1, its KL, its surrogate improvement)."""
+    theta_old = parameters_to_vector(params).clone()
+    surrogate_old = surrogate().item()
+    for k in range(steps):
+        vector_to_parameters(theta_old + 0.5**k * full_step, params)
+        improvement, step_kl = surrogate().item() - surrogate_old, kl().item()
+        if step_kl <= max_kl and improvement > 0:  # False for NaN, too
+            return k, step_kl, improvement
+    vector_to_parameters(theta_old, params)
+    return -1, 0.0, 0.0
+
+
+def value_loss(new_values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """0.5 (V - R)^2, R the GAE(lambda) return."""
+    return 0.5 * ((new_values - returns) ** 2).mean()
+
+
+@torch.no_grad()
+def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The probability ratio pi_theta / pi_old over the whole batch, and the approximate KL(pi_old || pi_theta)."""
+    logratio = agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]
+    ratio = logratio.exp()
+    return {"ratio/max": ratio.max(), "ratio/min": ratio.min(), "losses/approx_kl": ((ratio - 1) - logratio).mean()}
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args) -> dict[str, float]:
+    """One natural-gradient step on the policy under the KL constraint, then `vf_iters` epochs of minibatch
+    Adam on the value function; returns the iteration's statistics."""
+    obs, actions = batch["obs"], batch["actions"]
+    advantages = batch["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    params = agent.policy_parameters()
+    with torch.no_grad():
+        mean_old, log_std_old = agent.actor_mean(obs), agent.actor_logstd.clone()
+
+    def surrogate() -> torch.Tensor:  # E[pi_theta(a|s) / pi_old(a|s) A], eq. (15) with q = pi_old (Section 5.1)
+        ratio = (agent.log_prob(obs, actions) - batch["logprobs"]).exp()
+        return (ratio * advantages).mean() + args.ent_coef * agent.entropy()
+
+    def mean_kl() -> torch.Tensor:  # the constraint of eq. (15): E_s[KL(pi_old(.|s) || pi_theta(.|s))]
+        return gaussian_kl(mean_old, log_std_old, agent.actor_mean(obs), agent.actor_logstd).mean()
+
+    g = torch.cat([p.flatten() for p in torch.autograd.grad(surrogate(), params)])
+    if args.fisher == "analytic":
+        fvp = analytic_fvp(mean_kl(), params, args.cg_damping)
+    else:
+        fvp = empirical_fvp(score_matrix(agent, obs, actions), args.cg_damping)
+    step_dir, cg_residual = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ A^-1 g
+    if args.step_rule == "constraint":
+        beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = delta
+        full_step = beta * step_dir
+        steps, step_kl, improvement = line_search(params, full_step, surrogate, mean_kl, args.max_kl, args.line_search_steps)
+        step_norm = 0.5 ** steps * full_step.norm().item() if steps >= 0 else 0.0
+    else:  # natural policy gradient with a fixed step size: no line search, no KL constraint
+        with torch.no_grad():
+            surrogate_old = surrogate().item()
+            vector_to_parameters(parameters_to_vector(params) + args.npg_step_size * step_dir, params)
+            steps, step_kl, improvement = 0, mean_kl().item(), surrogate().item() - surrogate_old
+        step_norm = args.npg_step_size * step_dir.norm().item()
+
+    batch_size = obs.shape[0]
+    v_losses = []
+    for _ in range(args.vf_iters):
+        for mb in torch.randperm(batch_size, device=obs.device).split(batch_size // args.num_minibatches):
+            v_loss = value_loss(agent.value(obs[mb]), batch["returns"][mb])
+            optimizer.zero_grad()
+            v_loss.backward()
+            optimizer.step()
+            v_losses.append(v_loss.detach())
+
+    with torch.no_grad():
+        policy_loss = -surrogate().item()
+    stats = {
+        "losses/policy_loss": policy_loss, "losses/value_loss": torch.stack(v_losses).mean().item(),
+        "losses/entropy": agent.entropy().item(), "trpo/kl": step_kl, "trpo/surrogate_improvement": improvement,
+        "trpo/line_search_steps": steps, "trpo/cg_residual": cg_residual, "trpo/step_norm": step_norm,
+    }  # fmt: skip
+    return stats | {k: v.item() for k, v in ratio_stats(agent, batch).items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R): 1 is a perfect value function, 0 no better than a constant."""
+    var_returns = returns.var()
+    return float("nan") if var_returns == 0 else (1 - (returns - values).var() / var_returns).item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+def save_model(path: str, agent: Agent, normalizer: Normalizer, args: Args) -> None:
+    """Everything needed to rebuild and evaluate the policy: weights, normalization statistics, args."""
+    checkpoint = {"algo": "trpo_continuous", "args": asdict(args), "model": agent.state_dict(), "normalizer": normalizer.state_dict()}
+    torch.save(checkpoint, path)
+
+
+def train(args: Args) -> dict[str, float]:
+    """Train TRPO; returns the final global step and the mean raw return of the last 10 episodes."""
+    check_args(args)
+    obs_dim, act_dim = check_env(args.env_id)
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None)
+    agent = Agent(obs_dim, act_dim).to(device)
+    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
+    normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
+
+    obs = normalizer.obs(envs.reset(seed=args.seed)[0])
+    recent_returns = deque(maxlen=10)
+    global_step, start_time = 0, time.perf_counter()
+    progress = tqdm(total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    for iteration in range(1, num_iterations + 1):
+        lr = args.vf_learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.vf_learning_rate
+        optimizer.param_groups[0]["lr"] = lr
+
+        rollout_start = time.perf_counter()
+        rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
+        for t, episodic_return, episodic_length in episodes:
+            step = global_step + (t + 1) * args.num_envs
+            writer.add_scalar("charts/episodic_return", episodic_return, step)
+            writer.add_scalar("charts/episodic_length", episodic_length, step)
+            recent_returns.append(episodic_return)
+        global_step += batch_size
+
+        update_start = time.perf_counter()
+        batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
+        stats = update(agent, optimizer, batch, args)
+        update_end = time.perf_counter()
+
+        sps = int(global_step / (update_end - start_time))
+        stats |= {
+            "charts/SPS": sps, "charts/learning_rate": lr,
+            "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
+            "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
+        }  # fmt: skip
+        for tag, value in stats.items():
+            writer.add_scalar(tag, value, global_step)
+        mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+        progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
+        progress.update(batch_size)
+
+    progress.close()
+    if args.save_model:
+        save_model(os.path.join(run_dir, f"{args.exp_name}.pt"), agent, normalizer, args)
+    envs.close()
+    writer.close()
+    return {"global_step": global_step, "mean_return": mean_return}
+
+
+if __name__ == "__main__":
+    try:
+        train(tyro.cli(Args))
+    except ArgsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

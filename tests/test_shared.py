@@ -31,6 +31,7 @@ OWN_TAGS = {
 LEARNING_BUDGET = {
     "ppo_continuous": dict(total_timesteps=100_000, num_steps=1024),
     "trefree_continuous": dict(total_timesteps=100_000, num_steps=512, num_minibatches=16),
+    "trpo_continuous": dict(total_timesteps=100_000),
 }
 
 

@@ -14,11 +14,14 @@ with a fixed step size instead of the KL constraint.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -51,7 +54,11 @@ class Args:
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False
-    """whether to save the model, its normalization statistics and the args to `runs/{run_name}/{exp_name}.pt`"""
+    """whether to save the final checkpoint to `runs/{run_name}/{exp_name}.pt` and evaluate it (10 episodes)"""
+    checkpoint_interval: int = 0
+    """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
+    resume: str | None = None
+    """continue the run of this checkpoint, in its run directory and with its saved arguments"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
@@ -209,7 +216,7 @@ class Normalizer:
     def state_dict(self) -> dict:
         """The statistics as tensors, so that a checkpoint loads with `torch.load(weights_only=True)`."""
         return {"obs_rms": self.obs_rms.state_dict(), "ret_rms": self.ret_rms.state_dict(),
-                "discounted_return": torch.as_tensor(self.discounted_return)}  # fmt: skip
+                "discounted_return": torch.as_tensor(self.discounted_return), "clip": self.clip, "epsilon": self.epsilon}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.obs_rms.load_state_dict(state["obs_rms"])
@@ -513,23 +520,91 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-def save_model(path: str, agent: Agent, normalizer: Normalizer, args: Args) -> None:
-    """Everything needed to rebuild and evaluate the policy: weights, normalization statistics, args."""
-    checkpoint = {"algo": "trpo_continuous", "args": asdict(args), "model": agent.state_dict(), "normalizer": normalizer.state_dict()}
-    torch.save(checkpoint, path)
+def save_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
+                    global_step: int, iteration: int) -> None:  # fmt: skip
+    """Everything needed to evaluate the policy or to continue the run, written atomically (a temporary
+    file, then a rename): a crash while writing leaves the previous checkpoint intact."""
+    checkpoint = {
+        "algo": "trpo_continuous", "args": asdict(args), "global_step": global_step, "iteration": iteration,
+        "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
+        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }  # fmt: skip
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ArgsError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArgsError(f"no checkpoint at '{path}'") from None
+    except Exception:
+        raise ArgsError(f"'{path}' is not a checkpoint") from None
+    if not isinstance(checkpoint, dict) or "algo" not in checkpoint:
+        raise ArgsError(f"'{path}' is not a checkpoint")
+    if checkpoint["algo"] != "trpo_continuous":
+        raise ArgsError(f"'{path}' is a checkpoint of {checkpoint['algo']}.py, not of trpo_continuous.py")
+    return checkpoint
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While active, SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop at the end of the current
+    iteration, so that the last checkpoint is a consistent state; a second Ctrl-C stops at once.
+    Yields a function that returns the signal received (0: none)."""
+    received = []
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield lambda: 0
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:
+    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here."""
+    try:
+        from utils.evaluate import evaluate
+    except ImportError:
+        print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
+        return
+    for i, episodic_return in enumerate(evaluate(path, episodes=10)):
+        writer.add_scalar("eval/episodic_return", episodic_return, i)
 
 
 def train(args: Args) -> dict[str, float]:
-    """Train TRPO; returns the final global step and the mean raw return of the last 10 episodes."""
+    """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step,
+    the mean raw return of the last 10 episodes, and the signal that stopped the run early (0: none)."""
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:  # the run goes on with the arguments it was started with
+        args = Args(**(checkpoint["args"] | {"resume": args.resume}))
     check_args(args)
     obs_dim, act_dim = check_env(args.env_id)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if checkpoint is None:
+        env_name = args.env_id.replace("/", "-")  # a namespaced id ("ns/Env-v0") must not nest the folder
+        run_dir = os.path.join("runs", f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        start_step, start_iteration = 0, 1
+    else:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        start_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+    checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
+    checkpointing = args.save_model or args.checkpoint_interval > 0
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)  # drop what was logged after the checkpoint
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -541,52 +616,75 @@ def train(args: Args) -> dict[str, float]:
     agent = Agent(obs_dim, act_dim).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        normalizer.load_state_dict(checkpoint["normalizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        if torch.cuda.is_available() and checkpoint["cuda_rng"]:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
+        normalizer.discounted_return[:] = 0.0
 
-    obs = normalizer.obs(envs.reset(seed=args.seed)[0])
-    recent_returns = deque(maxlen=10)
-    global_step, start_time = 0, time.perf_counter()
-    progress = tqdm(total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
-    for iteration in range(1, num_iterations + 1):
-        lr = args.vf_learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.vf_learning_rate
-        optimizer.param_groups[0]["lr"] = lr
+    # On resume the statistics already hold the observation the run would have continued from: not counted twice.
+    obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
+    recent_returns, mean_return, stopped_by = deque(maxlen=10), float("nan"), 0
+    global_step, start_time = start_step, time.perf_counter()
+    progress = tqdm(initial=start_step, total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    with stop_requests() as stop_requested:
+        for iteration in range(start_iteration, num_iterations + 1):
+            lr = args.vf_learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.vf_learning_rate
+            optimizer.param_groups[0]["lr"] = lr
 
-        rollout_start = time.perf_counter()
-        rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
-        for t, episodic_return, episodic_length in episodes:
-            step = global_step + (t + 1) * args.num_envs
-            writer.add_scalar("charts/episodic_return", episodic_return, step)
-            writer.add_scalar("charts/episodic_length", episodic_length, step)
-            recent_returns.append(episodic_return)
-        global_step += batch_size
+            rollout_start = time.perf_counter()
+            rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
+            for t, episodic_return, episodic_length in episodes:
+                step = global_step + (t + 1) * args.num_envs
+                writer.add_scalar("charts/episodic_return", episodic_return, step)
+                writer.add_scalar("charts/episodic_length", episodic_length, step)
+                recent_returns.append(episodic_return)
+            global_step += batch_size
 
-        update_start = time.perf_counter()
-        batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
-        stats = update(agent, optimizer, batch, args)
-        update_end = time.perf_counter()
+            update_start = time.perf_counter()
+            batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
+            stats = update(agent, optimizer, batch, args)
+            update_end = time.perf_counter()
 
-        sps = int(global_step / (update_end - start_time))
-        stats |= {
-            "charts/SPS": sps, "charts/learning_rate": lr,
-            "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
-            "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
-        }  # fmt: skip
-        for tag, value in stats.items():
-            writer.add_scalar(tag, value, global_step)
-        mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
-        progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
-        progress.update(batch_size)
+            sps = int((global_step - start_step) / (update_end - start_time))
+            stats |= {
+                "charts/SPS": sps, "charts/learning_rate": lr,
+                "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
+                "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
+            }  # fmt: skip
+            for tag, value in stats.items():
+                writer.add_scalar(tag, value, global_step)
+            mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+            progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
+            progress.update(batch_size)
+
+            stopped_by = stop_requested()
+            if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
+                save_checkpoint(checkpoint_path, agent, optimizer, normalizer, args, global_step, iteration)
+            if stopped_by:
+                break
 
     progress.close()
-    if args.save_model:
-        save_model(os.path.join(run_dir, f"{args.exp_name}.pt"), agent, normalizer, args)
     envs.close()
+    if stopped_by:
+        print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
+              + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
+    elif checkpointing:
+        save_checkpoint(checkpoint_path, agent, optimizer, normalizer, args, global_step, global_step // batch_size)
+        if args.save_model:
+            evaluate_checkpoint(checkpoint_path, writer)
     writer.close()
-    return {"global_step": global_step, "mean_return": mean_return}
+    return {"global_step": global_step, "mean_return": mean_return, "stopped_by": stopped_by}
 
 
 if __name__ == "__main__":
     try:
-        train(tyro.cli(Args))
+        summary = train(tyro.cli(Args))
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(128 + summary["stopped_by"] if summary["stopped_by"] else 0)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import signal
 
 import gymnasium as gym
 import numpy as np
@@ -30,6 +31,37 @@ class CounterEnv(gym.Env):
 COUNTER_ID = "tests/Counter-v0"
 if COUNTER_ID not in gym.registry:
     gym.register(COUNTER_ID, entry_point=CounterEnv, max_episode_steps=5)
+
+INTERRUPT = {"after_steps": None}  # AlignedEnv sends SIGINT to its own process once, after this many more steps
+
+
+class AlignedEnv(gym.Env):
+    """A deterministic point on a line that the action pushes (reward -x^2), whose episodes last exactly
+    64 steps and start at 0 whatever the seed: with --num-steps 64 every episode ends at an iteration
+    boundary, so a resumed run sees exactly what an uninterrupted one would."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x, self.v = 0.0, 0.0
+        return np.array([self.x, self.v]), {}
+
+    def step(self, action):
+        if INTERRUPT["after_steps"] is not None:
+            INTERRUPT["after_steps"] -= 1
+            if INTERRUPT["after_steps"] == 0:
+                INTERRUPT["after_steps"] = None
+                os.kill(os.getpid(), signal.SIGINT)
+        self.v = 0.9 * self.v + 0.1 * float(action[0])
+        self.x += self.v + 0.01
+        return np.array([self.x, self.v]), -self.x**2, False, False, {}
+
+
+ALIGNED_ID = "tests/Aligned-v0"
+if ALIGNED_ID not in gym.registry:
+    gym.register(ALIGNED_ID, entry_point=AlignedEnv, max_episode_steps=64)
 
 
 def only_run_dir(pattern: str = "runs/*") -> str:

@@ -200,6 +200,8 @@ def test_script_copied_alone_trains_logs_and_saves(tmp_path, script):
     run_dir = only_run_dir(str(tmp_path / "runs" / "*"))
     assert os.path.exists(os.path.join(run_dir, f"{script}.pt"))
     assert "charts/episodic_return" in read_scalars(run_dir)
+    # without utils/ the final evaluation is skipped with one line, and the run still succeeds
+    assert "utils/ is not next to this script: the final evaluation is skipped" in result.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,0 +1,159 @@
+"""Checkpoints, resume, interruption, evaluation, videos and plots, for each training script."""
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from helpers import ALIGNED_ID, INTERRUPT, only_run_dir
+from utils import evaluate as evaluation
+from utils import plot
+from utils.logs import read_scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["ppo_continuous", "trefree_continuous", "trpo_continuous"]
+
+
+@pytest.fixture(params=SCRIPTS)
+def algo(request):
+    return importlib.import_module(request.param)
+
+
+def test_evaluation_rebuilds_the_policy_with_the_training_statistics_frozen(algo):
+    algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=4096, num_steps=1024, save_model=True))
+    run_dir = only_run_dir()
+    path = os.path.join(run_dir, f"{algo.__name__}.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["global_step"] == 4096 and checkpoint["iteration"] == 4
+    # the script's own agent and normalizer, loaded from the checkpoint, are the reference
+    agent = algo.Agent(4, 1)
+    agent.load_state_dict(checkpoint["model"])
+    normalizer = algo.Normalizer(4, 1, 0.99)
+    normalizer.load_state_dict(checkpoint["normalizer"])
+    policy = evaluation.Policy(checkpoint)
+    np.testing.assert_array_equal(policy.obs_mean, normalizer.obs_rms.mean)
+    np.testing.assert_array_equal(policy.obs_var, normalizer.obs_rms.var)
+    obs = np.random.default_rng(0).normal(size=(5, 4)) * 3
+    np.testing.assert_allclose(policy.normalize(obs), normalizer.obs(obs, update=False), rtol=1e-6)
+    with torch.no_grad():
+        expected = agent.actor_mean(torch.from_numpy(normalizer.obs(obs, update=False))).numpy()
+    np.testing.assert_allclose(policy.mean_action(obs), expected, rtol=1e-5, atol=1e-6)
+
+    returns = evaluation.evaluate(path, episodes=3)
+    assert len(returns) == 3 and all(r > 0 for r in returns)
+    np.testing.assert_array_equal(policy.obs_mean, normalizer.obs_rms.mean)  # frozen: evaluation changed nothing
+    assert len(read_scalars(run_dir)["eval/episodic_return"]) == 10  # the script evaluated its final checkpoint
+
+
+def _aligned_args(algo, **kwargs):
+    return algo.Args(**(dict(env_id=ALIGNED_ID, total_timesteps=8 * 64, num_steps=64, num_minibatches=4) | kwargs))
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(algo):
+    """Everything but the environments' state is checkpointed; with episodes that end at iteration
+    boundaries (AlignedEnv) nothing is lost, and the final parameters must be identical."""
+    algo.train(_aligned_args(algo, save_model=True, exp_name="straight"))
+    straight = torch.load(only_run_dir("runs/*__straight__*") + "/straight.pt", weights_only=True)
+
+    INTERRUPT["after_steps"] = 3 * 64 + 10  # SIGINT during the 4th iteration: the run stops after it
+    summary = algo.train(_aligned_args(algo, checkpoint_interval=100, exp_name="resumed"))
+    assert summary["stopped_by"] == signal.SIGINT and summary["global_step"] == 4 * 64
+    run_dir = only_run_dir("runs/*__resumed__*")
+    summary = algo.train(algo.Args(resume=os.path.join(run_dir, "resumed.pt")))
+    assert summary["stopped_by"] == 0 and summary["global_step"] == 8 * 64
+    resumed = torch.load(os.path.join(run_dir, "resumed.pt"), weights_only=True)
+
+    for key in straight["model"]:
+        torch.testing.assert_close(resumed["model"][key], straight["model"][key], rtol=0, atol=0)
+    assert resumed["iteration"] == straight["iteration"] == 8
+    # one TensorBoard curve, continued: every iteration logged once, in order
+    sps_steps = [step for step, _ in read_scalars(run_dir)["charts/SPS"]]
+    assert sps_steps == [64 * i for i in range(1, 9)]
+    lr = dict(read_scalars(run_dir)["charts/learning_rate"])
+    assert lr == dict(read_scalars(only_run_dir("runs/*__straight__*"))["charts/learning_rate"])
+
+
+def test_checkpoint_is_written_atomically(algo, monkeypatch):
+    """A crash while writing leaves the previous checkpoint readable."""
+    algo.train(_aligned_args(algo, total_timesteps=64, save_model=True))
+    path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
+    before = open(path, "rb").read()
+
+    def crash(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"half a checkp")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    checkpoint = torch.load(path, weights_only=True)
+    with pytest.raises(OSError):
+        algo.save_checkpoint(path, *_rebuild(algo, checkpoint), checkpoint["global_step"], checkpoint["iteration"])
+    assert open(path, "rb").read() == before
+
+
+def _rebuild(algo, checkpoint):
+    args = algo.Args(**checkpoint["args"])
+    agent = algo.Agent(2, 1)
+    agent.load_state_dict(checkpoint["model"])
+    return agent, torch.optim.Adam(agent.parameters()), algo.Normalizer(2, 1, 0.99), args
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_refuses_another_scripts_checkpoint_and_non_checkpoints(tmp_path, script):
+    other = "trpo_continuous" if script != "trpo_continuous" else "ppo_continuous"
+    module = importlib.import_module(other)
+    module.train(_aligned_args(module, total_timesteps=64, save_model=True))
+    foreign = os.path.join(only_run_dir(), f"{other}.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for path, message in [(foreign, f"is a checkpoint of {other}.py, not of {script}.py"), ("notes.txt", "is not a checkpoint"),
+                          ("missing.pt", "no checkpoint at")]:  # fmt: skip
+        result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", path],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_evaluate_command_refuses_a_non_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "utils.evaluate", str(tmp_path / "notes.txt")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip() == f"error: '{tmp_path / 'notes.txt'}' is not a checkpoint"
+
+
+def test_evaluation_records_a_video():
+    import ppo_continuous as ppo
+
+    ppo.train(ppo.Args(env_id="InvertedPendulum-v5", total_timesteps=1024, num_steps=1024, checkpoint_interval=1))
+    path = os.path.join(only_run_dir(), "ppo_continuous.pt")
+    try:
+        evaluation.evaluate(path, episodes=1, capture_video=True)
+    except Exception as e:  # only where no OpenGL backend exists
+        if "GL" in str(e) or "display" in str(e).lower():
+            pytest.skip(f"no OpenGL backend for headless rendering: {e}")
+        raise
+    videos = os.listdir(os.path.join(os.path.dirname(path), "videos_eval"))
+    assert videos == ["eval-episode-0.mp4"] and os.path.getsize(os.path.join(os.path.dirname(path), "videos_eval", videos[0])) > 1000
+
+
+def test_plot_writes_figures_and_the_final_returns_table(tmp_path):
+    # two algorithms x two seeds, 20 episodes each; the last 10 % = the last 2 episodes
+    for exp_name, offset in [("ppo_continuous", 0.0), ("trefree_continuous", 100.0)]:
+        for seed in (1, 2):
+            writer = SummaryWriter(str(tmp_path / "runs" / f"Hopper-v5__{exp_name}__{seed}__1700000000"))
+            for episode in range(20):
+                writer.add_scalar("charts/episodic_return", offset + 10 * seed + episode, 1000 * (episode + 1))
+            for iteration in range(1, 5):
+                writer.add_scalar("ratio/max", 1.0 + 0.1 * iteration, 5000 * iteration)
+                writer.add_scalar("ratio/min", 1.0 - 0.1 * iteration, 5000 * iteration)
+            writer.close()
+    runs = plot.load_runs(str(tmp_path / "runs"))
+    table = plot.final_returns_table(runs).splitlines()
+    # ppo: seed 1 -> mean(28, 29) = 28.5, seed 2 -> 38.5: 33.5 ± 7.07; trefree: +100
+    assert table[2:] == ["| Hopper-v5 | ppo_continuous | 2 | 33.5 ± 7.1 |", "| Hopper-v5 | trefree_continuous | 2 | 133.5 ± 7.1 |"]
+    curves, ratios = plot.plot(runs, str(tmp_path / "curves.png"))
+    for path in (curves, ratios):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

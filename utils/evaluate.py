@@ -1,0 +1,122 @@
+"""Evaluate a saved policy.
+
+    python -m utils.evaluate runs/<run>/<exp_name>.pt [--episodes 10] [--env-id ...] [--capture-video] [--stochastic]
+
+The policy is rebuilt from the checkpoint alone, whichever of the three scripts wrote it: the actor's
+tanh MLP from the saved weights, the observation statistics applied frozen. It acts with the mean action
+(`--stochastic` samples from the Gaussian instead) and prints each episode's raw return and their
+mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+
+
+@dataclass
+class Args:
+    checkpoint: tyro.conf.Positional[str]
+    """a checkpoint written by a training script (`runs/<run>/<exp_name>.pt`)"""
+    episodes: int = 10
+    """the number of evaluation episodes"""
+    env_id: str | None = None
+    """the environment (default: the one the policy was trained on)"""
+    capture_video: bool = False
+    """record every episode to `videos_eval/` next to the checkpoint (headless: MUJOCO_GL=egl)"""
+    stochastic: bool = False
+    """sample actions from the policy instead of taking its mean"""
+    seed: int = 0
+    """seed of the evaluation episodes"""
+
+
+class Policy:
+    """The policy of a checkpoint: observation normalization with the training statistics, frozen, then
+    the actor's MLP (linear layers with tanh between them) and the state-independent log-std."""
+
+    def __init__(self, checkpoint: dict):
+        model, obs_rms = checkpoint["model"], checkpoint["normalizer"]["obs_rms"]
+        layer_ids = sorted({int(key.split(".")[1]) for key in model if key.startswith("actor_mean.")})
+        self.layers = [(model[f"actor_mean.{i}.weight"], model[f"actor_mean.{i}.bias"]) for i in layer_ids]
+        self.log_std = model["actor_logstd"]
+        self.obs_mean, self.obs_var = obs_rms["mean"].numpy(), obs_rms["var"].numpy()
+        self.clip, self.epsilon = checkpoint["normalizer"]["clip"], checkpoint["normalizer"]["epsilon"]
+
+    def normalize(self, obs: np.ndarray) -> np.ndarray:
+        return np.clip((obs - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon), -self.clip, self.clip).astype(np.float32)
+
+    @torch.no_grad()
+    def mean_action(self, obs: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(self.normalize(obs))
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight.T + bias
+            x = torch.tanh(x) if i < len(self.layers) - 1 else x
+        return x.numpy()
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The mean action, or a sample of the Gaussian policy when `rng` is given."""
+        mean = self.mean_action(obs)
+        return mean if rng is None else mean + self.log_std.exp().numpy() * rng.standard_normal(mean.shape).astype(np.float32)
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, or ValueError with a one-line reason."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no checkpoint at '{path}'") from None
+    except Exception:
+        raise ValueError(f"'{path}' is not a checkpoint") from None
+    if not isinstance(checkpoint, dict) or not {"algo", "args", "model", "normalizer"} <= checkpoint.keys():
+        raise ValueError(f"'{path}' is not a checkpoint")
+    return checkpoint
+
+
+def evaluate(path: str, episodes: int = 10, env_id: str | None = None, capture_video: bool = False,
+             stochastic: bool = False, seed: int = 0) -> list[float]:  # fmt: skip
+    """Run the checkpoint's policy for `episodes` episodes; returns their raw returns."""
+    checkpoint = load_checkpoint(path)
+    policy = Policy(checkpoint)
+    env_id = env_id or checkpoint["args"]["env_id"]
+    if capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
+        env = gym.make(env_id, render_mode="rgb_array")
+        video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos_eval")
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, name_prefix="eval")
+    else:
+        env = gym.make(env_id)
+    rng = np.random.default_rng(seed) if stochastic else None
+    low, high = env.action_space.low, env.action_space.high
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done, episodic_return = False, 0.0
+        while not done:
+            action = policy.act(obs[None], rng)[0]
+            obs, reward, terminated, truncated, _ = env.step(np.clip(action, low, high))
+            episodic_return += float(reward)
+            done = terminated or truncated
+        returns.append(episodic_return)
+    env.close()
+    return returns
+
+
+def main(args: Args) -> None:
+    returns = evaluate(args.checkpoint, args.episodes, args.env_id, args.capture_video, args.stochastic, args.seed)
+    for episode, episodic_return in enumerate(returns):
+        print(f"episode {episode}: return {episodic_return:.1f}")
+    print(f"mean return over {len(returns)} episodes: {np.mean(returns):.1f} ± {np.std(returns):.1f}")
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except (ValueError, gym.error.Error) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -15,6 +15,7 @@ with a fixed step size instead of the KL constraint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import math
 import os
@@ -106,16 +107,36 @@ class ArgsError(ValueError):
     """A bad command line or environment; reported as one line with exit code 2."""
 
 
+class NumericalFault(RuntimeError):
+    """A NaN or an infinity in training or from an environment; training stops (exit code 3)."""
+
+
+def check_finite(values: dict[str, torch.Tensor | float], where: str) -> None:
+    """Raise NumericalFault naming the first of `values` that holds a NaN or an infinity."""
+    for name, value in values.items():
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise NumericalFault(f"{name} is not finite {where}")
+
+
 def check_args(args: Args) -> None:
-    """Reject arguments the algorithm cannot run with, before anything is built."""
-    if args.num_envs < 1 or args.num_steps < 1:
-        raise ArgsError("--num-envs and --num-steps must be positive")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        raise ArgsError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({args.num_envs * args.num_steps} steps)")
-    if args.num_minibatches < 1 or (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise ArgsError(f"--num-minibatches {args.num_minibatches} does not divide the batch of {args.num_envs * args.num_steps}")
-    if args.max_kl <= 0 or args.cg_damping < 0 or args.npg_step_size <= 0:
-        raise ArgsError("--max-kl and --npg-step-size must be positive, --cg-damping non-negative")
+    """Reject arguments the algorithm cannot run with, before anything is built (`not x > 0` also rejects NaN)."""
+    batch_size = args.num_envs * args.num_steps
+    checks = [
+        (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
+        (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
+        (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
+         f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
+        (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
+        (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
+        (not args.vf_learning_rate > 0, "--vf-learning-rate must be positive"),
+        (args.vf_iters < 1 or args.cg_iters < 1 or args.line_search_steps < 1,
+         "--vf-iters, --cg-iters and --line-search-steps must be at least 1"),
+        (not args.max_kl > 0 or not args.npg_step_size > 0, "--max-kl and --npg-step-size must be positive"),
+        (not args.cg_damping >= 0, "--cg-damping must be 0 or positive"),
+    ]  # fmt: skip
+    for failed, message in checks:
+        if failed:
+            raise ArgsError(message)
 
 
 def check_env(env_id: str) -> tuple[int, int]:
@@ -318,13 +339,15 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
         # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
         raw_obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
         done = terminated | truncated
+        final_obs = np.stack(info["final_obs"][info["_final_obs"]]) if done.any() else raw_obs
+        if not (np.isfinite(raw_obs).all() and np.isfinite(reward).all() and np.isfinite(final_obs).all()):
+            raise NumericalFault(f"the environment returned a non-finite observation or reward at rollout step {t}")
         next_obs = normalizer.obs(raw_obs)
         batch["obs"][t], batch["actions"][t], batch["next_obs"][t] = obs, action, next_obs
         batch["rewards"][t] = normalizer.reward(reward, done)
         batch["terminations"][t], batch["dones"][t] = terminated, done
         if done.any():
-            final = info["_final_obs"]
-            batch["next_obs"][t, final] = normalizer.obs(np.stack(info["final_obs"][final]), update=False)
+            batch["next_obs"][t, info["_final_obs"]] = normalizer.obs(final_obs, update=False)
             ended = info["_episode"]
             episodes += [(t, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
         obs = next_obs
@@ -505,7 +528,7 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torc
         policy_loss = -surrogate().item()
     stats = {
         "losses/policy_loss": policy_loss, "losses/value_loss": torch.stack(v_losses).mean().item(),
-        "losses/entropy": agent.entropy().item(), "trpo/kl": step_kl, "trpo/surrogate_improvement": improvement,
+        "losses/entropy": agent.entropy().item(), "losses/grad_norm": g.norm().item(), "trpo/kl": step_kl, "trpo/surrogate_improvement": improvement,
         "trpo/line_search_steps": steps, "trpo/cg_residual": cg_residual, "trpo/step_norm": step_norm,
     }  # fmt: skip
     return stats | {k: v.item() for k, v in ratio_stats(agent, batch).items()}
@@ -520,15 +543,18 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
-                    global_step: int, iteration: int) -> None:  # fmt: skip
-    """Everything needed to evaluate the policy or to continue the run, written atomically (a temporary
-    file, then a rename): a crash while writing leaves the previous checkpoint intact."""
-    checkpoint = {
+def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
+                     global_step: int, iteration: int) -> dict:  # fmt: skip
+    """Everything needed to evaluate the policy or to continue the run, copied."""
+    return copy.deepcopy({
         "algo": "trpo_continuous", "args": asdict(args), "global_step": global_step, "iteration": iteration,
         "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }  # fmt: skip
+    })  # fmt: skip
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically (a temporary file, then a rename): a crash while writing leaves the previous checkpoint intact."""
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -611,6 +637,8 @@ def train(args: Args) -> dict[str, float]:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("note: no GPU is available; training on the CPU", file=sys.stderr)
 
     envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None)
     agent = Agent(obs_dim, act_dim).to(device)
@@ -633,38 +661,51 @@ def train(args: Args) -> dict[str, float]:
     progress = tqdm(initial=start_step, total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
     with stop_requests() as stop_requested:
         for iteration in range(start_iteration, num_iterations + 1):
-            lr = args.vf_learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.vf_learning_rate
-            optimizer.param_groups[0]["lr"] = lr
+            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1) if checkpointing else None
+            try:
+                lr = args.vf_learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.vf_learning_rate
+                optimizer.param_groups[0]["lr"] = lr
 
-            rollout_start = time.perf_counter()
-            rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
-            for t, episodic_return, episodic_length in episodes:
-                step = global_step + (t + 1) * args.num_envs
-                writer.add_scalar("charts/episodic_return", episodic_return, step)
-                writer.add_scalar("charts/episodic_length", episodic_length, step)
-                recent_returns.append(episodic_return)
-            global_step += batch_size
+                rollout_start = time.perf_counter()
+                rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
+                for t, episodic_return, episodic_length in episodes:
+                    step = global_step + (t + 1) * args.num_envs
+                    writer.add_scalar("charts/episodic_return", episodic_return, step)
+                    writer.add_scalar("charts/episodic_length", episodic_length, step)
+                    recent_returns.append(episodic_return)
+                global_step += batch_size
 
-            update_start = time.perf_counter()
-            batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
-            stats = update(agent, optimizer, batch, args)
-            update_end = time.perf_counter()
+                update_start = time.perf_counter()
+                batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
+                stats = update(agent, optimizer, batch, args)
+                update_end = time.perf_counter()
+                check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
+                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}, "after the update")  # fmt: skip
 
-            sps = int((global_step - start_step) / (update_end - start_time))
-            stats |= {
-                "charts/SPS": sps, "charts/learning_rate": lr,
-                "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
-                "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
-            }  # fmt: skip
-            for tag, value in stats.items():
-                writer.add_scalar(tag, value, global_step)
-            mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
-            progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
-            progress.update(batch_size)
+                sps = int((global_step - start_step) / (update_end - start_time))
+                stats |= {
+                    "charts/SPS": sps, "charts/learning_rate": lr,
+                    "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
+                    "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
+                }  # fmt: skip
+                for tag, value in stats.items():
+                    writer.add_scalar(tag, value, global_step)
+                mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+                progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
+                progress.update(batch_size)
+
+            except NumericalFault as fault:
+                progress.close()
+                if checkpointing:
+                    save_checkpoint(checkpoint_path, last_good)
+                writer.close()
+                envs.close()
+                kept = f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}" if checkpointing else ""
+                raise NumericalFault(f"{args.env_id}, iteration {iteration}: {fault}{kept}") from None
 
             stopped_by = stop_requested()
             if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
-                save_checkpoint(checkpoint_path, agent, optimizer, normalizer, args, global_step, iteration)
+                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration))
             if stopped_by:
                 break
 
@@ -674,7 +715,7 @@ def train(args: Args) -> dict[str, float]:
         print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
               + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
     elif checkpointing:
-        save_checkpoint(checkpoint_path, agent, optimizer, normalizer, args, global_step, global_step // batch_size)
+        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, global_step // batch_size))
         if args.save_model:
             evaluate_checkpoint(checkpoint_path, writer)
     writer.close()
@@ -687,4 +728,7 @@ if __name__ == "__main__":
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NumericalFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     sys.exit(128 + summary["stopped_by"] if summary["stopped_by"] else 0)

@@ -69,3 +69,28 @@ def only_run_dir(pattern: str = "runs/*") -> str:
     runs = glob.glob(pattern)
     assert len(runs) == 1, runs
     return runs[0]
+
+
+class NaNAfter(gym.Wrapper):
+    """InvertedPendulum whose observation becomes NaN at its 600th step."""
+
+    def __init__(self):
+        super().__init__(gym.make("InvertedPendulum-v5"))
+        self.steps = 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        return (obs * np.nan if self.steps == 600 else obs), reward, terminated, truncated, info
+
+
+class DictObservation(gym.Env):
+    """Box actions, but a Dict observation space: not supported by the scripts."""
+
+    observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1.0, 1.0, (2,))})
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,))
+
+
+for env_id, entry_point in [("tests/NaNAfter-v0", NaNAfter), ("tests/DictObservation-v0", DictObservation)]:
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=entry_point)

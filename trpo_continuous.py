@@ -339,18 +339,20 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
         # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
         raw_obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
         done = terminated | truncated
-        final_obs = np.stack(info["final_obs"][info["_final_obs"]]) if done.any() else raw_obs
-        if not (np.isfinite(raw_obs).all() and np.isfinite(reward).all() and np.isfinite(final_obs).all()):
-            raise NumericalFault(f"the environment returned a non-finite observation or reward at rollout step {t}")
         next_obs = normalizer.obs(raw_obs)
         batch["obs"][t], batch["actions"][t], batch["next_obs"][t] = obs, action, next_obs
         batch["rewards"][t] = normalizer.reward(reward, done)
         batch["terminations"][t], batch["dones"][t] = terminated, done
         if done.any():
-            batch["next_obs"][t, info["_final_obs"]] = normalizer.obs(final_obs, update=False)
+            final = info["_final_obs"]
+            batch["next_obs"][t, final] = normalizer.obs(np.stack(info["final_obs"][final]), update=False)
             ended = info["_episode"]
             episodes += [(t, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
         obs = next_obs
+    # A NaN or an infinity from the environment survives normalization (and spoils the statistics after it).
+    finite = np.isfinite(batch["next_obs"]).all(axis=(1, 2)) & np.isfinite(batch["rewards"]).all(axis=1)
+    if not finite.all():
+        raise NumericalFault(f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}")
     return batch, obs, episodes
 
 

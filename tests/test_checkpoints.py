@@ -132,7 +132,7 @@ def test_evaluation_records_a_video():
     assert videos == ["eval-episode-0.mp4"] and os.path.getsize(os.path.join(os.path.dirname(path), "videos_eval", videos[0])) > 1000
 
 
-def test_plot_writes_figures_and_the_final_returns_table(tmp_path):
+def test_plot_writes_figures_and_the_final_returns_table_and_reads_its_csv_back(tmp_path):
     # two algorithms x two seeds, 20 episodes each; the last 10 % = the last 2 episodes
     for exp_name, offset in [("ppo_continuous", 0.0), ("trefree_continuous", 100.0)]:
         for seed in (1, 2):
@@ -142,11 +142,18 @@ def test_plot_writes_figures_and_the_final_returns_table(tmp_path):
             for iteration in range(1, 5):
                 writer.add_scalar("ratio/max", 1.0 + 0.1 * iteration, 5000 * iteration)
                 writer.add_scalar("ratio/min", 1.0 - 0.1 * iteration, 5000 * iteration)
+                writer.add_scalar("charts/SPS", 1000 * seed, 5000 * iteration)
             writer.close()
     runs = plot.load_runs(str(tmp_path / "runs"))
     table = plot.final_returns_table(runs).splitlines()
-    # ppo: seed 1 -> mean(28, 29) = 28.5, seed 2 -> 38.5: 33.5 ± 7.07; trefree: +100
-    assert table[2:] == ["| Hopper-v5 | ppo_continuous | 2 | 33.5 ± 7.1 |", "| Hopper-v5 | trefree_continuous | 2 | 133.5 ± 7.1 |"]
+    # ppo: seed 1 -> mean(28, 29) = 28.5, seed 2 -> 38.5: 33.5 ± 7.07; trefree: +100; SPS: mean(1000, 2000)
+    expected = ["| Hopper-v5 | ppo_continuous | 2 | 33.5 ± 7.1 | 1,500 |", "| Hopper-v5 | trefree_continuous | 2 | 133.5 ± 7.1 | 1,500 |"]
+    assert table[2:] == expected
     curves, ratios = plot.plot(runs, str(tmp_path / "curves.png"))
     for path in (curves, ratios):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    plot.export_runs(runs, str(tmp_path / "results" / "runs.csv"))
+    again = plot.load_runs(str(tmp_path / "results"))
+    assert plot.final_returns_table(again).splitlines()[2:] == expected
+    np.testing.assert_allclose(again[0].curve, runs[0].curve, rtol=1e-5)
+    np.testing.assert_allclose(again[0].ratios, runs[0].ratios, rtol=1e-5)

@@ -1,0 +1,87 @@
+"""The sweep runner on tiny jobs: local processes, skipping and resuming, failures, dry runs, and the
+SLURM path through submitit (its local executor here, and the submission it would make on a cluster)."""
+
+import os
+
+import pytest
+
+from utils import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num-steps", "1024"]
+
+
+def _args(tmp_path, **kwargs):
+    return benchmark.Args(**(dict(env_ids=("InvertedPendulum-v5",), total_timesteps=1024, out_dir=str(tmp_path / "sweep"), workers=2) | kwargs))
+
+
+def test_dry_run_lists_the_jobs_and_runs_nothing(tmp_path, capsys):
+    assert benchmark.main(_args(tmp_path, algos=("ppo", "trpo"), seeds=(1, 2), dry_run=True), TINY) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "4 jobs, 0 already done, 4 to run (local)"
+    assert lines[1].startswith("InvertedPendulum-v5__ppo_continuous__1: (cd ") and lines[1].endswith(
+        "ppo_continuous.py --env-id InvertedPendulum-v5 --seed 1 --exp-name ppo_continuous --save-model "
+        "--checkpoint-interval 20 --total-timesteps 1024 --num-steps 1024)"
+    )
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_local_sweep_runs_skips_finished_jobs_and_resumes_interrupted_ones(tmp_path, capsys):
+    args = _args(tmp_path, algos=("ppo", "trefree"), seeds=(1, 2))
+    assert benchmark.main(args, TINY) == 0
+    sweep = tmp_path / "sweep"
+    assert sorted(os.listdir(sweep / "done")) == sorted(f"InvertedPendulum-v5__{a}_continuous__{s}" for a in ("ppo", "trefree") for s in (1, 2))
+    assert (sweep / "curves.png").exists() and (sweep / "curves_ratios.png").exists()
+    out = capsys.readouterr().out
+    assert "| InvertedPendulum-v5 | ppo_continuous | 2 |" in out and "| InvertedPendulum-v5 | trefree_continuous | 2 |" in out
+
+    # a re-run skips what finished; a job without its marker continues from its checkpoint
+    os.remove(sweep / "done" / "InvertedPendulum-v5__ppo_continuous__1")
+    job = benchmark.Job("ppo", "InvertedPendulum-v5", 1)
+    command = benchmark.job_command(job, args, TINY, str(sweep))
+    assert command[-2] == "--resume" and command[-1].startswith("runs/InvertedPendulum-v5__ppo_continuous__1__")
+    assert benchmark.main(args, TINY) == 0
+    assert capsys.readouterr().out.startswith("4 jobs, 3 already done, 1 to run (local)")
+    assert len(os.listdir(sweep / "runs")) == 4  # resumed in its own run directory, not started again
+
+
+def test_a_failed_job_is_reported_and_the_others_finish(tmp_path, capsys):
+    # --delta exists only in trefree_continuous.py: the PPO jobs fail, the TREFree job finishes
+    args = _args(tmp_path, algos=("ppo", "trefree"), seeds=(1,))
+    assert benchmark.main(args, [*TINY, "--delta", "0.02"]) == 1
+    err = capsys.readouterr().err
+    assert "InvertedPendulum-v5__ppo_continuous__1 failed (exit code 2): " in err and "--delta 0.02" in err
+    assert "Unrecognized options: --delta" in err  # the end of the job's log
+    assert os.listdir(tmp_path / "sweep" / "done") == ["InvertedPendulum-v5__trefree_continuous__1"]
+
+
+def test_submitit_local_executor_runs_the_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # the submitit worker unpickles utils.benchmark.run_job
+    args = _args(tmp_path, algos=("trpo",), seeds=(1, 2))
+    sweep = str(tmp_path / "sweep")
+    for sub in ("runs", "logs", "done"):
+        os.makedirs(os.path.join(sweep, sub))
+    commands = {job.name: benchmark.job_command(job, args, TINY, sweep) for job in benchmark.make_jobs(args)}
+    failures = benchmark.run_submitit(commands, sweep, benchmark.make_executor(args, sweep, cluster="local"))
+    assert failures == {} and sorted(os.listdir(os.path.join(sweep, "done"))) == sorted(commands)
+
+
+def test_slurm_submission_without_a_cluster(tmp_path, monkeypatch):
+    import submitit.slurm.slurm
+
+    monkeypatch.setattr(submitit.slurm.slurm.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # no srun here
+    args = _args(tmp_path, slurm_partition="gpu", slurm_time=90, slurm_cpus_per_task=2, slurm_gpus_per_task=1, workers=6)
+    executor = benchmark.make_executor(args, str(tmp_path), cluster="slurm")._executor
+    assert executor.parameters == {"time": 90, "cpus_per_task": 2, "job_name": "benchmark", "array_parallelism": 6,
+                                   "partition": "gpu", "gpus_per_task": 1}  # fmt: skip
+    script = executor._make_submission_file_text("COMMAND", "uid")
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --cpus-per-task=2", "#SBATCH --gpus-per-task=1"]:
+        assert line in script
+    commands = [benchmark.job_command(job, args, [], str(tmp_path)) for job in benchmark.make_jobs(args)]
+    assert len(commands) == 9 and {c[1] for c in commands} == {os.path.join(ROOT, f"{a}_continuous.py") for a in ("trefree", "ppo", "trpo")}
+    assert all(c[2:8] == ["--env-id", "InvertedPendulum-v5", "--seed", c[5], "--exp-name", c[7]] for c in commands)
+
+
+def test_exp_name_after_the_separator_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--exp-name and --resume are set by the runner"):
+        benchmark.main(_args(tmp_path), ["--exp-name", "x"])

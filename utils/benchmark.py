@@ -1,0 +1,197 @@
+"""Benchmark sweeps: algorithms x environments x seeds, on this machine or on a SLURM cluster.
+
+    python -m utils.benchmark --algos trefree ppo trpo --env-ids HalfCheetah-v5 Hopper-v5 --seeds 1 2 3 \\
+        [--total-timesteps N] [--launcher local|slurm] [--workers N] [--out-dir benchmark] [--dry-run] [-- extra args]
+
+A job is one run of `<algo>_continuous.py` in its own process, with one torch thread, `--save-model`
+and a checkpoint every `--checkpoint-interval` iterations; its run directory goes to `<out-dir>/runs/`
+and its output to `<out-dir>/logs/<job>.log`. Arguments after `--` go to every script.
+
+The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`) is skipped, and a job that
+was interrupted continues from its checkpoint with `--resume`. A failed job is reported with its
+command and the end of its log and does not stop the others. When the jobs are done, `utils.plot`
+draws the sweep's figures into `<out-dir>/` and prints the table of final returns.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Literal
+
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    algos: tuple[Literal["trefree", "ppo", "trpo"], ...] = ("trefree", "ppo", "trpo")
+    """the algorithms: `<algo>_continuous.py` with its default (paper) hyper-parameters"""
+    env_ids: tuple[str, ...] = ("HalfCheetah-v5",)
+    """the environments"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """the seeds"""
+    total_timesteps: int | None = None
+    """environment steps per run (default: each script's own, 1M)"""
+    launcher: Literal["local", "slurm"] = "local"
+    """run the jobs as processes on this machine, or as a SLURM job array through submitit"""
+    workers: int = os.cpu_count() or 1
+    """local: the number of jobs at a time; slurm: the array's parallelism"""
+    out_dir: str = "benchmark"
+    """where the runs, logs, markers and figures of the sweep go"""
+    checkpoint_interval: int = 20
+    """each job writes a checkpoint every this many iterations, from which an interrupted sweep continues"""
+    dry_run: bool = False
+    """print the jobs and their commands without running them"""
+    slurm_partition: str | None = None
+    """SLURM partition (default: the cluster's)"""
+    slurm_time: int = 240
+    """SLURM time limit of each job, in minutes"""
+    slurm_cpus_per_task: int = 1
+    """SLURM CPUs per job"""
+    slurm_gpus_per_task: int = 0
+    """SLURM GPUs per job"""
+
+
+@dataclass(frozen=True)
+class Job:
+    algo: str
+    env_id: str
+    seed: int
+
+    @property
+    def script(self) -> str:
+        return f"{self.algo}_continuous"
+
+    @property
+    def name(self) -> str:
+        """The job's run directory name without its time stamp, as the scripts write it."""
+        return f"{self.env_id.replace('/', '-')}__{self.script}__{self.seed}"
+
+
+def make_jobs(args: Args) -> list[Job]:
+    return [Job(algo, env_id, seed) for env_id in args.env_ids for algo in args.algos for seed in args.seeds]
+
+
+def is_done(job: Job, out_dir: str) -> bool:
+    return os.path.exists(os.path.join(out_dir, "done", job.name))
+
+
+def latest_checkpoint(job: Job, out_dir: str) -> str | None:
+    """The checkpoint of the job's most recent run, if it wrote one."""
+    runs = sorted(glob.glob(os.path.join(out_dir, "runs", f"{job.name}__*")), key=lambda d: int(d.rsplit("__", 1)[1]))
+    path = os.path.join(runs[-1], f"{job.script}.pt") if runs else None
+    return path if path and os.path.exists(path) else None
+
+
+def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[str]:
+    """The command that runs the job, or continues it from its checkpoint (with its saved arguments)."""
+    script = os.path.join(ROOT, f"{job.script}.py")
+    checkpoint = latest_checkpoint(job, out_dir)
+    if checkpoint is not None:
+        return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir)]
+    steps = ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
+    return [sys.executable, script, "--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.script,
+            "--save-model", "--checkpoint-interval", str(args.checkpoint_interval), *steps, *extra]  # fmt: skip
+
+
+def run_job(command: list[str], out_dir: str, name: str) -> None:
+    """Run one job to completion in `out_dir`, its output in `logs/<name>.log`; mark it done, or raise
+    RuntimeError with its command and the end of its log. Called locally, or on a SLURM node by submitit."""
+    log_path = os.path.join(out_dir, "logs", f"{name}.log")
+    with open(log_path, "a") as log:
+        code = subprocess.run(command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"}).returncode
+    if code != 0:
+        with open(log_path, errors="replace") as log:
+            tail = "".join(line.split("\r")[-1] for line in log.readlines()[-5:])
+        raise RuntimeError(f"{name} failed (exit code {code}): {' '.join(command)}\n{tail}")
+    open(os.path.join(out_dir, "done", name), "w").close()
+
+
+def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dict[str, str]:
+    """Run the jobs on this machine, `workers` at a time, with a progress line; returns failures by job name."""
+    failures, start = {}, time.time()
+    with ThreadPoolExecutor(workers) as pool:  # each thread waits on one job's process
+        futures = {pool.submit(run_job, command, out_dir, name): name for name, command in commands.items()}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.exception() is not None:
+                    failures[futures[future]] = str(future.exception())
+                    print(f"\n{future.exception()}", file=sys.stderr)
+            done = len(futures) - len(pending)
+            running = sum(future.running() for future in pending)
+            left = (time.time() - start) / done * len(pending) if done else float("nan")
+            print(f"\rjobs: {done - len(failures)} done, {running} running, {len(failures)} failed, "
+                  f"{len(pending) - running} waiting; ~{left / 60:.0f} min left   ", end="", file=sys.stderr, flush=True)  # fmt: skip
+    print(file=sys.stderr)
+    return failures
+
+
+def make_executor(args: Args, out_dir: str, cluster: str = "slurm"):
+    """A submitit executor for the sweep: a SLURM job array (`cluster="local"` runs it on this machine)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=os.path.join(out_dir, "submitit"), cluster=cluster)
+    executor.update_parameters(timeout_min=args.slurm_time, cpus_per_task=args.slurm_cpus_per_task, name="benchmark")
+    if cluster == "slurm":
+        partition = {"slurm_partition": args.slurm_partition} if args.slurm_partition else {}
+        gpus = {"slurm_gpus_per_task": args.slurm_gpus_per_task} if args.slurm_gpus_per_task else {}
+        executor.update_parameters(slurm_array_parallelism=args.workers, **partition, **gpus)
+    return executor
+
+
+def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict[str, str]:
+    """Submit the jobs as one array and wait for them; returns failures by job name."""
+    with executor.batch():
+        futures = {name: executor.submit(run_job, command, out_dir, name) for name, command in commands.items()}
+    failures = {}
+    for name, future in futures.items():
+        try:
+            future.result()
+        except Exception as e:  # submitit re-raises the job's error, wrapped
+            failures[name] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            print(f"{name} failed: {failures[name]}", file=sys.stderr)
+    return failures
+
+
+def main(args: Args, extra: list[str]) -> int:
+    if "--exp-name" in extra or "--resume" in extra:
+        raise SystemExit("error: --exp-name and --resume are set by the runner, not after --")
+    out_dir = os.path.abspath(args.out_dir)
+    jobs = make_jobs(args)
+    todo = [job for job in jobs if not is_done(job, out_dir)]
+    commands = {job.name: job_command(job, args, extra, out_dir) for job in todo}
+    print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run ({args.launcher})")
+    if args.dry_run:
+        for name, command in commands.items():
+            print(f"{name}: (cd {out_dir} && {' '.join(command)})")
+        return 0
+    for sub in ("runs", "logs", "done"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    if args.launcher == "local":
+        failures = run_local(commands, out_dir, args.workers)
+    else:
+        failures = run_submitit(commands, out_dir, make_executor(args, out_dir))
+    print(f"{len(todo) - len(failures)} jobs finished, {len(failures)} failed")
+    from utils import plot
+
+    runs = plot.load_runs(os.path.join(out_dir, "runs"))
+    if runs:
+        for path in plot.plot(runs, os.path.join(out_dir, "curves.png")):
+            print(f"wrote {path}")
+        print(plot.final_returns_table(runs))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    sys.exit(main(tyro.cli(Args, args=argv[:split]), argv[split + 1 :]))

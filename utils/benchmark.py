@@ -128,9 +128,9 @@ def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dic
                     print(f"\n{future.exception()}", file=sys.stderr)
             done = len(futures) - len(pending)
             running = sum(future.running() for future in pending)
-            left = (time.time() - start) / done * len(pending) if done else float("nan")
+            left = f"~{(time.time() - start) / done * len(pending) / 60:.0f} min left" if done else "time left: after the first job"
             print(f"\rjobs: {done - len(failures)} done, {running} running, {len(failures)} failed, "
-                  f"{len(pending) - running} waiting; ~{left / 60:.0f} min left   ", end="", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{len(pending) - running} waiting; {left}   ", end="", file=sys.stderr, flush=True)  # fmt: skip
     print(file=sys.stderr)
     return failures
 

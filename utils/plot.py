@@ -133,6 +133,7 @@ def plot(runs: list[Run], out: str) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
     groups = group(runs)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     ratio_out = os.path.splitext(out)[0] + "_ratios.png"
     curves_fig, curve_axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     ratios_fig, ratio_axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)

@@ -511,6 +511,9 @@ def train(args: Args) -> dict[str, float]:
     the mean raw return of the last 10 episodes, and the signal that stopped the run early (0: none)."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:  # the run goes on with the arguments it was started with
+        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k != "resume" and v != getattr(Args(), k)]
+        if ignored:
+            print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
         args = Args(**(checkpoint["args"] | {"resume": args.resume}))
     check_args(args)
     obs_dim, act_dim = check_env(args.env_id)

@@ -137,9 +137,10 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, scrip
     assert 0 < stopped_at < 40 * 512
     assert max(step for step, _ in read_scalars(str(path.parent))["charts/SPS"]) == stopped_at  # TensorBoard was flushed
 
-    result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", str(path)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", str(path), "--seed", "9"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "note: a resumed run keeps the arguments it was started with; ignoring --seed" in result.stderr
     assert torch.load(path, weights_only=True)["global_step"] == 40 * 512
     assert [s for s, _ in read_scalars(str(path.parent))["charts/SPS"]] == [512 * i for i in range(1, 41)]
 

@@ -133,6 +133,7 @@ def plot(runs: list[Run], out: str) -> tuple[str, str]:
     import matplotlib.pyplot as plt
 
     groups = group(runs)
+    colors = {name: f"C{i}" for i, name in enumerate(sorted({run.exp_name for run in runs}))}  # one per algorithm everywhere
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     ratio_out = os.path.splitext(out)[0] + "_ratios.png"
     curves_fig, curve_axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
@@ -142,14 +143,14 @@ def plot(runs: list[Run], out: str) -> tuple[str, str]:
             grid = np.linspace(0, min(run.curve[-1, 0] for run in seeds), 200)
             curves = np.stack([np.interp(grid, run.curve[:, 0], run.curve[:, 1]) for run in seeds])
             mean, stderr = curves.mean(0), curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
-            (line,) = ax.plot(grid, mean, label=f"{exp_name} ({len(seeds)} seeds)")
-            ax.fill_between(grid, mean - stderr, mean + stderr, color=line.get_color(), alpha=0.2)
+            ax.plot(grid, mean, color=colors[exp_name], label=f"{exp_name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+            ax.fill_between(grid, mean - stderr, mean + stderr, color=colors[exp_name], alpha=0.2)
             with_ratios = [run for run in seeds if len(run.ratios)]
             if with_ratios:
                 steps = np.linspace(0, min(run.ratios[-1, 0] for run in with_ratios), 200)
                 log_hi = np.mean([np.interp(steps, run.ratios[:, 0], np.log(run.ratios[:, 1])) for run in with_ratios], 0)
                 log_lo = np.mean([np.interp(steps, run.ratios[:, 0], np.log(np.maximum(run.ratios[:, 2], 1e-30))) for run in with_ratios], 0)
-                ratio_ax.fill_between(steps, np.exp(log_lo), np.exp(log_hi), alpha=0.3, label=exp_name)
+                ratio_ax.fill_between(steps, np.exp(log_lo), np.exp(log_hi), color=colors[exp_name], alpha=0.3, label=exp_name)
         ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return")
         ax.legend(fontsize="small")
         ratio_ax.set(title=env_id, xlabel="environment steps", ylabel="ratio range (min to max)", yscale="log")

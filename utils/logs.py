@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the run in `run_dir`, as tag -> [(step, value), ...] in the order written."""
+    # A resumed run's log starts with a purge marker, and TensorBoard warns that it drops the scalars
+    # written after the checkpoint ("out of order event.step ... TensorFlow restart"): that is the intent.
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every event
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}

@@ -136,9 +136,14 @@ def plot(runs: list[Run], out: str) -> tuple[str, str]:
     colors = {name: f"C{i}" for i, name in enumerate(sorted({run.exp_name for run in runs}))}  # one per algorithm everywhere
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     ratio_out = os.path.splitext(out)[0] + "_ratios.png"
-    curves_fig, curve_axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    ratios_fig, ratio_axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, ratio_ax, (env_id, algos) in zip(curve_axes[0], ratio_axes[0], sorted(groups.items())):
+    ncols = min(len(groups), 3)  # one panel per environment, at most three per row
+    nrows = -(-len(groups) // ncols)
+    (curves_fig, curve_axes), (ratios_fig, ratio_axes) = [
+        plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False) for _ in range(2)
+    ]
+    for extra in [*curve_axes.flat[len(groups):], *ratio_axes.flat[len(groups):]]:
+        extra.set_visible(False)
+    for ax, ratio_ax, (env_id, algos) in zip(curve_axes.flat, ratio_axes.flat, sorted(groups.items())):
         for exp_name, seeds in sorted(algos.items()):
             grid = np.linspace(0, min(run.curve[-1, 0] for run in seeds), 200)
             curves = np.stack([np.interp(grid, run.curve[:, 0], run.curve[:, 1]) for run in seeds])

@@ -32,8 +32,13 @@ def test_local_sweep_runs_skips_finished_jobs_and_resumes_interrupted_ones(tmp_p
     sweep = tmp_path / "sweep"
     assert sorted(os.listdir(sweep / "done")) == sorted(f"InvertedPendulum-v5__{a}_continuous__{s}" for a in ("ppo", "trefree") for s in (1, 2))
     assert (sweep / "curves.png").exists() and (sweep / "curves_ratios.png").exists()
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "| InvertedPendulum-v5 | ppo_continuous | 2 |" in out and "| InvertedPendulum-v5 | trefree_continuous | 2 |" in out
+    # not a terminal: the progress is one line per change, never a redrawn line
+    progress = [line for line in captured.err.splitlines() if line.startswith("jobs: ")]
+    assert "\r" not in captured.err and progress and len(progress) == len(set(progress))
+    assert progress[-1].startswith("jobs: 4 done, 0 running, 0 failed, 0 waiting")
 
     # a re-run skips what finished; a job without its marker continues from its checkpoint
     os.remove(sweep / "done" / "InvertedPendulum-v5__ppo_continuous__1")

@@ -117,6 +117,7 @@ def run_job(command: list[str], out_dir: str, name: str) -> None:
 def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dict[str, str]:
     """Run the jobs on this machine, `workers` at a time, with a progress line; returns failures by job name."""
     failures, start = {}, time.time()
+    line, interactive = "", sys.stderr.isatty()  # in a log file, one line per change instead of a redrawn line
     with ThreadPoolExecutor(workers) as pool:  # each thread waits on one job's process
         futures = {pool.submit(run_job, command, out_dir, name): name for name, command in commands.items()}
         pending = set(futures)
@@ -129,9 +130,12 @@ def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dic
             done = len(futures) - len(pending)
             running = sum(future.running() for future in pending)
             left = f"~{(time.time() - start) / done * len(pending) / 60:.0f} min left" if done else "time left: after the first job"
-            print(f"\rjobs: {done - len(failures)} done, {running} running, {len(failures)} failed, "
-                  f"{len(pending) - running} waiting; {left}   ", end="", file=sys.stderr, flush=True)  # fmt: skip
-    print(file=sys.stderr)
+            status = f"jobs: {done - len(failures)} done, {running} running, {len(failures)} failed, {len(pending) - running} waiting; {left}"
+            if status != line:
+                line = status
+                print(f"\r{line}   " if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
+    if interactive:
+        print(file=sys.stderr)
     return failures
 
 

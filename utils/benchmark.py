@@ -126,7 +126,7 @@ def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dic
             for future in finished:
                 if future.exception() is not None:
                     failures[futures[future]] = str(future.exception())
-                    print(f"\n{future.exception()}", file=sys.stderr)
+                    print(("\n" if interactive else "") + str(future.exception()), file=sys.stderr)  # off the progress line
             done = len(futures) - len(pending)
             running = sum(future.running() for future in pending)
             left = f"~{(time.time() - start) / done * len(pending) / 60:.0f} min left" if done else "time left: after the first job"

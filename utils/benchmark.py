@@ -1,21 +1,27 @@
 """Benchmark sweeps: algorithms x environments x seeds, on this machine or on a SLURM cluster.
 
     python -m utils.benchmark --algos trefree ppo trpo --env-ids HalfCheetah-v5 Hopper-v5 --seeds 1 2 3 \\
-        [--total-timesteps N] [--launcher local|slurm] [--workers N] [--out-dir benchmark] [--dry-run] [-- extra args]
+        [--grid delta=0.03,0.1] [--total-timesteps N] [--launcher local|slurm] [--workers N] [--out-dir benchmark]
+        [--skip-runs-in results.csv] [--dry-run] [-- extra args]
 
 A job is one run of `<algo>_continuous.py` in its own process, with one torch thread, `--save-model`
 and a checkpoint every `--checkpoint-interval` iterations; its run directory goes to `<out-dir>/runs/`
-and its output to `<out-dir>/logs/<job>.log`. Arguments after `--` go to every script.
+and its output to `<out-dir>/logs/<job>.log`. Arguments after `--` go to every script. `--grid`
+sweeps script flags too: one job per combination of their values, named by its exp_name, the script's
+name followed by `_<flag><value>` per flag (`trefree_continuous_delta0.1`).
 
-The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`) is skipped, and a job that
-was interrupted continues from its checkpoint with `--resume`. A failed job is reported with its
+The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`, or a run already in a CSV
+file of `--skip-runs-in`, as `utils.plot --export` writes them) is skipped, and a job that was
+interrupted continues from its checkpoint with `--resume`. A failed job is reported with its
 command and the end of its log and does not stop the others. When the jobs are done, `utils.plot`
 draws the sweep's figures into `<out-dir>/` and prints the table of final returns.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import itertools
 import os
 import subprocess
 import sys
@@ -37,6 +43,8 @@ class Args:
     """the environments"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """the seeds"""
+    grid: tuple[str, ...] = ()
+    """script flags to sweep, as FLAG=V1,V2,... (e.g. `delta=0.03,0.1`): one job per combination of values"""
     total_timesteps: int | None = None
     """environment steps per run (default: each script's own, 1M)"""
     launcher: Literal["local", "slurm"] = "local"
@@ -47,6 +55,8 @@ class Args:
     """where the runs, logs, markers and figures of the sweep go"""
     checkpoint_interval: int = 20
     """each job writes a checkpoint every this many iterations, from which an interrupted sweep continues"""
+    skip_runs_in: tuple[str, ...] = ()
+    """CSV files of finished runs (`utils.plot --export`): their (environment, exp_name, seed) are not run again"""
     dry_run: bool = False
     """print the jobs and their commands without running them"""
     slurm_partition: str | None = None
@@ -64,19 +74,51 @@ class Job:
     algo: str
     env_id: str
     seed: int
+    flags: tuple[tuple[str, str], ...] = ()  # (flag, value) pairs of the grid
 
     @property
     def script(self) -> str:
         return f"{self.algo}_continuous"
 
     @property
+    def exp_name(self) -> str:
+        return self.script + "".join(f"_{flag}{value}" for flag, value in self.flags)
+
+    @property
     def name(self) -> str:
         """The job's run directory name without its time stamp, as the scripts write it."""
-        return f"{self.env_id.replace('/', '-')}__{self.script}__{self.seed}"
+        return f"{self.env_id.replace('/', '-')}__{self.exp_name}__{self.seed}"
+
+
+def parse_grid(grid: tuple[str, ...]) -> list[tuple[tuple[str, str], ...]]:
+    """`("delta=0.03,0.1", "gamma=0.99")` -> every combination of (flag, value) pairs."""
+    axes = []
+    for item in grid:
+        flag, _, values = item.partition("=")
+        flag = flag.removeprefix("--")
+        if not flag or not values or any(not v for v in values.split(",")):
+            raise SystemExit(f"error: --grid takes FLAG=V1,V2,... (e.g. delta=0.03,0.1), not '{item}'")
+        if flag in ("env-id", "seed", "exp-name", "resume"):
+            raise SystemExit(f"error: --grid cannot sweep --{flag}; it is set by the runner")
+        axes.append([(flag, value) for value in values.split(",")])
+    return list(itertools.product(*axes))
 
 
 def make_jobs(args: Args) -> list[Job]:
-    return [Job(algo, env_id, seed) for env_id in args.env_ids for algo in args.algos for seed in args.seeds]
+    return [Job(algo, env_id, seed, flags) for env_id in args.env_ids for algo in args.algos for flags in parse_grid(args.grid)
+            for seed in args.seeds]  # fmt: skip
+
+
+def runs_in_csv(paths: tuple[str, ...]) -> set[str]:
+    """The names (`<env>__<exp_name>__<seed>`) of the finished runs in CSV files written by `utils.plot --export`."""
+    names = set()
+    for path in paths:
+        try:
+            with open(path, newline="") as f:
+                names |= {f"{r['env_id']}__{r['exp_name']}__{r['seed']}" for r in csv.DictReader(f) if r["kind"] == "final"}
+        except (OSError, KeyError):
+            raise SystemExit(f"error: '{path}' is not a CSV file of runs written by utils.plot --export") from None
+    return names
 
 
 def is_done(job: Job, out_dir: str) -> bool:
@@ -86,7 +128,7 @@ def is_done(job: Job, out_dir: str) -> bool:
 def latest_checkpoint(job: Job, out_dir: str) -> str | None:
     """The checkpoint of the job's most recent run, if it wrote one."""
     runs = sorted(glob.glob(os.path.join(out_dir, "runs", f"{job.name}__*")), key=lambda d: int(d.rsplit("__", 1)[1]))
-    path = os.path.join(runs[-1], f"{job.script}.pt") if runs else None
+    path = os.path.join(runs[-1], f"{job.exp_name}.pt") if runs else None
     return path if path and os.path.exists(path) else None
 
 
@@ -97,8 +139,9 @@ def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[st
     if checkpoint is not None:
         return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir)]
     steps = ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
-    return [sys.executable, script, "--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.script,
-            "--save-model", "--checkpoint-interval", str(args.checkpoint_interval), *steps, *extra]  # fmt: skip
+    flags = [word for flag, value in job.flags for word in (f"--{flag}", value)]
+    return [sys.executable, script, "--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.exp_name,
+            "--save-model", "--checkpoint-interval", str(args.checkpoint_interval), *steps, *flags, *extra]  # fmt: skip
 
 
 def run_job(command: list[str], out_dir: str, name: str) -> None:
@@ -171,7 +214,8 @@ def main(args: Args, extra: list[str]) -> int:
         raise SystemExit("error: --exp-name and --resume are set by the runner, not after --")
     out_dir = os.path.abspath(args.out_dir)
     jobs = make_jobs(args)
-    todo = [job for job in jobs if not is_done(job, out_dir)]
+    in_csv = runs_in_csv(args.skip_runs_in)
+    todo = [job for job in jobs if not is_done(job, out_dir) and job.name not in in_csv]
     commands = {job.name: job_command(job, args, extra, out_dir) for job in todo}
     print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run ({args.launcher})")
     if args.dry_run:

@@ -14,6 +14,7 @@ with a fixed step size instead of the KL constraint.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import difflib
@@ -63,6 +64,8 @@ class Args:
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
+    env_kwargs: tuple[str, ...] = ()
+    """keyword arguments of `gym.make` as KEY=VALUE, VALUE a Python literal or else a string (e.g. `include_cfrc_ext_in_observation=False`)"""
     total_timesteps: int = 1_000_000
     """total environment steps of the experiment"""
     vf_learning_rate: Annotated[float, tyro.conf.arg(aliases=("--learning-rate",))] = 1e-3
@@ -139,10 +142,24 @@ def check_args(args: Args) -> None:
             raise ArgsError(message)
 
 
-def check_env(env_id: str) -> tuple[int, int]:
+def parse_env_kwargs(items: tuple[str, ...]) -> dict:
+    """`("include_cfrc_ext_in_observation=False", ...)` -> keyword arguments of `gym.make`, or ArgsError."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ArgsError(f"--env-kwargs takes KEY=VALUE, not '{item}'")
+        try:
+            kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a string
+    return kwargs
+
+
+def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
     """Return (observation size, action size) of a Box-in, Box-out environment, or raise ArgsError."""
     try:
-        env = gym.make(env_id)
+        env = gym.make(env_id, **env_kwargs)
     except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
         close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
         raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
@@ -160,20 +177,23 @@ def check_env(env_id: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------------------
-def make_envs(env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None) -> gym.vector.VectorEnv:
+def make_envs(env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None,
+              env_kwargs: dict | None = None) -> gym.vector.VectorEnv:  # fmt: skip
     """A vector of `num_envs` environments that reset in the same step as an episode ends.
 
     With `AutoresetMode.SAME_STEP` every action is applied to the environment: the step that ends an
     episode returns the next episode's first observation and puts the last one in `info["final_obs"]`.
     `RecordEpisodeStatistics` reports the raw (unnormalized) return of each finished episode.
+    `env_kwargs` go to every `gym.make`.
     """
+    env_kwargs = env_kwargs or {}
 
     def make_env(idx: int):
         def thunk():
             if video_dir is not None and idx == 0:
                 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
-                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), video_dir)
-            return gym.make(env_id)
+                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array", **env_kwargs), video_dir)
+            return gym.make(env_id, **env_kwargs)
 
         return thunk
 
@@ -549,7 +569,8 @@ def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer:
                      global_step: int, iteration: int) -> dict:  # fmt: skip
     """Everything needed to evaluate the policy or to continue the run, copied."""
     return copy.deepcopy({
-        "algo": "trpo_continuous", "args": asdict(args), "global_step": global_step, "iteration": iteration,
+        "algo": "trpo_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
+        "global_step": global_step, "iteration": iteration,
         "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     })  # fmt: skip
@@ -620,7 +641,8 @@ def train(args: Args) -> dict[str, float]:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
         args = Args(**(checkpoint["args"] | {"resume": args.resume}))
     check_args(args)
-    obs_dim, act_dim = check_env(args.env_id)
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
+    obs_dim, act_dim = check_env(args.env_id, env_kwargs)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
 
@@ -645,7 +667,8 @@ def train(args: Args) -> dict[str, float]:
     if args.cuda and device.type == "cpu":
         print("note: no GPU is available; training on the CPU", file=sys.stderr)
 
-    envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None)
+    envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
+                     env_kwargs)  # fmt: skip
     agent = Agent(obs_dim, act_dim).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)

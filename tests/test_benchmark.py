@@ -90,3 +90,42 @@ def test_slurm_submission_without_a_cluster(tmp_path, monkeypatch):
 def test_exp_name_after_the_separator_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--exp-name and --resume are set by the runner"):
         benchmark.main(_args(tmp_path), ["--exp-name", "x"])
+
+
+def test_grid_sweeps_script_flags_under_their_own_exp_names(tmp_path, capsys):
+    args = _args(tmp_path, algos=("trefree",), seeds=(1,), grid=("delta=0.03,0.1", "gamma=0.9,0.99"), tag="short", dry_run=True)
+    assert benchmark.main(args, TINY) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "4 jobs, 0 already done, 4 to run (local)"
+    names = [line.split(":")[0] for line in lines[1:]]
+    assert names == [f"InvertedPendulum-v5__trefree_continuous_delta{d}_gamma{g}_short__1" for d in ("0.03", "0.1") for g in ("0.9", "0.99")]
+    assert lines[1].endswith("--exp-name trefree_continuous_delta0.03_gamma0.9_short --save-model --checkpoint-interval 20 "
+                             "--total-timesteps 1024 --delta 0.03 --gamma 0.9 --num-steps 1024)")  # fmt: skip
+
+
+def test_runs_already_in_a_results_csv_are_skipped(tmp_path, capsys):
+    csv_path = tmp_path / "runs.csv"
+    csv_path.write_text("env_id,exp_name,seed,kind,step,value,value2\n"
+                        "InvertedPendulum-v5,ppo_continuous_clip-coef0.2,1,curve,1000,5,\n"
+                        "InvertedPendulum-v5,ppo_continuous_clip-coef0.2,1,final,,5,\n"
+                        "InvertedPendulum-v5,ppo_continuous_clip-coef0.1,2,curve,1000,5,\n")  # fmt: skip
+    args = _args(tmp_path, algos=("ppo",), seeds=(1, 2), grid=("clip-coef=0.1,0.2",), skip_runs_in=(str(csv_path),), dry_run=True)
+    assert benchmark.main(args, TINY) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "4 jobs, 1 already done, 3 to run (local)"  # a run with no `final` row has not finished
+    assert "InvertedPendulum-v5__ppo_continuous_clip-coef0.2__1" not in [line.split(":")[0] for line in lines[1:]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(grid=("delta",)), "--grid takes FLAG=V1,V2,..."),
+        (dict(grid=("delta=0.1,",)), "--grid takes FLAG=V1,V2,..."),
+        (dict(grid=("seed=1,2",)), "--grid cannot sweep --seed"),
+        (dict(tag="a_b"), "--tag takes letters, digits"),
+        (dict(skip_runs_in=("missing.csv",)), "'missing.csv' is not a CSV file of runs"),
+    ],
+)
+def test_bad_sweep_arguments_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(SystemExit, match=message):
+        benchmark.main(_args(tmp_path, dry_run=True, **kwargs), [])

@@ -49,6 +49,21 @@ def test_evaluation_rebuilds_the_policy_with_the_training_statistics_frozen(algo
     assert len(returns) == 3 and all(r > 0 for r in returns)
     np.testing.assert_array_equal(policy.obs_mean, normalizer.obs_rms.mean)  # frozen: evaluation changed nothing
     assert len(read_scalars(run_dir)["eval/episodic_return"]) == 10  # the script evaluated its final checkpoint
+    with pytest.raises(ValueError, match=r"Hopper-v5 has observations of shape \(11,\); the policy takes \(4,\)"):
+        evaluation.evaluate(path, episodes=1, env_id="Hopper-v5")
+
+
+def test_env_kwargs_reach_the_environments_the_checkpoint_and_the_evaluation(algo):
+    kwargs = ("include_cfrc_ext_in_observation=False", "healthy_z_range=(0.2, 1.0)", "xml_file=ant.xml")
+    algo.train(algo.Args(env_id="Ant-v5", env_kwargs=kwargs, total_timesteps=64, num_steps=64, num_minibatches=2, save_model=True))
+    path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["args"]["env_kwargs"] == kwargs  # a resumed run gets them back with its arguments
+    assert checkpoint["env_kwargs"] == {"include_cfrc_ext_in_observation": False, "healthy_z_range": (0.2, 1.0), "xml_file": "ant.xml"}
+    assert checkpoint["normalizer"]["obs_rms"]["mean"].shape == (27,)  # Ant-v5 observes 105 numbers by default
+    assert len(evaluation.evaluate(path, episodes=1)) == 1  # utils.evaluate makes the same environment
+    with pytest.raises(TypeError, match="unexpected keyword argument 'include_cfrc_ext_in_observation'"):
+        evaluation.evaluate(path, episodes=1, env_id="Hopper-v5")  # the kwargs apply to another --env-id too
 
 
 def _aligned_args(algo, **kwargs):

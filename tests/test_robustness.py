@@ -43,6 +43,9 @@ def _bad_args(name):
         (dict(gamma=1.5), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(gae_lambda=-0.1), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(checkpoint_interval=-1), "--checkpoint-interval must be 0 or positive"),
+        (dict(env_kwargs=("include_cfrc_ext_in_observation",)), "--env-kwargs takes KEY=VALUE, not 'include_cfrc_ext_in_observation'"),
+        (dict(env_kwargs=("1x=2",)), "--env-kwargs takes KEY=VALUE, not '1x=2'"),
+        (dict(env_id="Hopper-v5", env_kwargs=("foo=1",)), "cannot make environment 'Hopper-v5': "),
     ]
     if name == "trefree_continuous":
         cases += [(dict(delta=0.0), "--delta and --ratio-clip must be positive"), (dict(delta=-0.01), "--delta and --ratio-clip must be positive")]

@@ -8,7 +8,7 @@ A job is one run of `<algo>_continuous.py` in its own process, with one torch th
 and a checkpoint every `--checkpoint-interval` iterations; its run directory goes to `<out-dir>/runs/`
 and its output to `<out-dir>/logs/<job>.log`. Arguments after `--` go to every script. `--grid`
 sweeps script flags too: one job per combination of their values, named by its exp_name, the script's
-name followed by `_<flag><value>` per flag (`trefree_continuous_delta0.1`).
+name followed by `_<flag><value>` per flag (`trefree_continuous_delta0.1`), then `_<tag>` with `--tag`.
 
 The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`, or a run already in a CSV
 file of `--skip-runs-in`, as `utils.plot --export` writes them) is skipped, and a job that was
@@ -23,6 +23,7 @@ import csv
 import glob
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,6 +56,8 @@ class Args:
     """where the runs, logs, markers and figures of the sweep go"""
     checkpoint_interval: int = 20
     """each job writes a checkpoint every this many iterations, from which an interrupted sweep continues"""
+    tag: str | None = None
+    """a suffix of every job's exp_name (`_<tag>`), to tell this sweep's runs from others (e.g. `nocfrc`)"""
     skip_runs_in: tuple[str, ...] = ()
     """CSV files of finished runs (`utils.plot --export`): their (environment, exp_name, seed) are not run again"""
     dry_run: bool = False
@@ -75,6 +78,7 @@ class Job:
     env_id: str
     seed: int
     flags: tuple[tuple[str, str], ...] = ()  # (flag, value) pairs of the grid
+    tag: str | None = None
 
     @property
     def script(self) -> str:
@@ -82,7 +86,7 @@ class Job:
 
     @property
     def exp_name(self) -> str:
-        return self.script + "".join(f"_{flag}{value}" for flag, value in self.flags)
+        return self.script + "".join(f"_{flag}{value}" for flag, value in self.flags) + (f"_{self.tag}" if self.tag else "")
 
     @property
     def name(self) -> str:
@@ -105,7 +109,9 @@ def parse_grid(grid: tuple[str, ...]) -> list[tuple[tuple[str, str], ...]]:
 
 
 def make_jobs(args: Args) -> list[Job]:
-    return [Job(algo, env_id, seed, flags) for env_id in args.env_ids for algo in args.algos for flags in parse_grid(args.grid)
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9.=-]+", args.tag):
+        raise SystemExit(f"error: --tag takes letters, digits, '.', '=' and '-', not '{args.tag}'")
+    return [Job(algo, env_id, seed, flags, args.tag) for env_id in args.env_ids for algo in args.algos for flags in parse_grid(args.grid)
             for seed in args.seeds]  # fmt: skip
 
 

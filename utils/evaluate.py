@@ -27,7 +27,7 @@ class Args:
     episodes: int = 10
     """the number of evaluation episodes"""
     env_id: str | None = None
-    """the environment (default: the one the policy was trained on)"""
+    """the environment (default: the one the policy was trained on; its `--env-kwargs` apply in either case)"""
     capture_video: bool = False
     """record every episode to `videos_eval/` next to the checkpoint (headless: MUJOCO_GL=egl)"""
     stochastic: bool = False
@@ -84,13 +84,16 @@ def evaluate(path: str, episodes: int = 10, env_id: str | None = None, capture_v
     checkpoint = load_checkpoint(path)
     policy = Policy(checkpoint)
     env_id = env_id or checkpoint["args"]["env_id"]
+    env_kwargs = checkpoint.get("env_kwargs", {})  # the training environment's `gym.make` keyword arguments
     if capture_video:
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
-        env = gym.make(env_id, render_mode="rgb_array")
+        env = gym.make(env_id, render_mode="rgb_array", **env_kwargs)
         video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos_eval")
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, name_prefix="eval")
     else:
-        env = gym.make(env_id)
+        env = gym.make(env_id, **env_kwargs)
+    if env.observation_space.shape != policy.obs_mean.shape:
+        raise ValueError(f"{env_id} has observations of shape {env.observation_space.shape}; the policy takes {policy.obs_mean.shape}")
     rng = np.random.default_rng(seed) if stochastic else None
     low, high = env.action_space.low, env.action_space.high
     returns = []
@@ -117,6 +120,6 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except (ValueError, gym.error.Error) as e:
+    except (ValueError, TypeError, gym.error.Error) as e:  # TypeError: a keyword argument the environment does not take
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,7 @@
 """Learning curves, ratio ranges and a table of final returns from training logs.
 
-    python -m utils.plot runs/ [--out curves.png] [--export results.csv]
+    python -m utils.plot runs/ [--out curves.png] [--export results.csv] [--ratios]
+    python -m utils.plot utils/results/screening --reference ppo_continuous_clip-coef0.2 --sensitivity delta clip-coef
 
 Reads every TensorBoard run under the folder (run directories are named
 `{env_id}__{exp_name}__{seed}__{time}`), and every CSV file of runs that `--export` wrote, and writes
@@ -14,6 +15,15 @@ It also prints a Markdown table of final returns: per run the mean of its last 1
 mean ± standard deviation over seeds, and the mean SPS. `--export` writes the runs in a compact CSV
 (each run's curve and ratio range at most 200 points, its final return and SPS) that this command
 reads back.
+
+`--ratios` prints the ratio ranges as a table (per environment and algorithm, the median over updates
+of ln ratio/max and ln ratio/min, and their extremes). `--reference EXP_NAME` normalizes every final
+return by the reference's mean final return on the same environment and prints, per algorithm, the
+mean normalized score over environments and the interquartile mean (IQM) over runs and environments
+with a 95 % stratified-bootstrap confidence interval (rliable; Agarwal et al., 2021). `--sensitivity
+FLAG ...` reads the runs of a `utils.benchmark --grid` sweep (exp_name `<script>_<flag><value>`) and
+draws `<out>_sensitivity.png`: per environment (rows) and flag (columns), the final return against the
+flag's value on a log axis, each seed a dot and the mean a line.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -38,6 +49,12 @@ class Args:
     """the learning-curve figure; the ratio figure goes next to it as `<name>_ratios.png`"""
     export: str | None = None
     """also write the runs to this CSV file"""
+    ratios: bool = False
+    """also print the ratio ranges: median over updates of ln ratio/max and ln ratio/min, and their extremes"""
+    reference: str | None = None
+    """normalize final returns by this exp_name's mean final return per environment; print the mean and the IQM (rliable)"""
+    sensitivity: tuple[str, ...] = ()
+    """flags of a `utils.benchmark --grid` sweep: draw `<out>_sensitivity.png`, final return against each flag's value"""
 
 
 @dataclass
@@ -49,6 +66,8 @@ class Run:
     ratios: np.ndarray  # (iterations, 3): step, ratio/max, ratio/min
     final: float  # the mean raw return of the last 10 % of episodes
     sps: float  # the run's last charts/SPS
+    length: float = float("nan")  # the mean length of the last 10 % of episodes
+    eval: float = float("nan")  # the mean of eval/episodic_return: the final policy's mean action (`--save-model`)
 
 
 def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
@@ -60,9 +79,14 @@ def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
     steps, returns = np.array(scalars["charts/episodic_return"]).T
     running = np.convolve(returns, np.ones(window))[: len(returns)] / np.minimum(np.arange(1, len(returns) + 1), window)
     ratios = [(s, hi, lo) for (s, hi), (_, lo) in zip(scalars.get("ratio/max", []), scalars.get("ratio/min", []))]
-    final = float(returns[-max(1, len(returns) // 10) :].mean())
+    last = max(1, len(returns) // 10)
+    final = float(returns[-last:].mean())
     sps = scalars["charts/SPS"][-1][1] if scalars.get("charts/SPS") else float("nan")
-    return Run(parts[0], parts[1], int(parts[2]), np.stack([steps, running], 1), np.array(ratios).reshape(-1, 3), final, sps)
+    lengths = [value for _, value in scalars.get("charts/episodic_length", [])]
+    length = float(np.mean(lengths[-last:])) if lengths else float("nan")
+    evals = [value for _, value in scalars.get("eval/episodic_return", [])]
+    return Run(parts[0], parts[1], int(parts[2]), np.stack([steps, running], 1), np.array(ratios).reshape(-1, 3), final, sps,
+               length, float(np.mean(evals)) if evals else float("nan"))  # fmt: skip
 
 
 def load_runs(folder: str) -> list[Run]:
@@ -80,7 +104,7 @@ def downsample(points: np.ndarray, most: int = 200) -> np.ndarray:
 
 def export_runs(runs: list[Run], path: str) -> None:
     """A compact CSV of the runs, one row per point: kind `curve` (step, running mean), `ratio` (step,
-    max, min), `final` (final return) and `sps`."""
+    max, min), `final` (final return), `sps`, `length` (final episode length) and `eval` (evaluation return)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -90,6 +114,8 @@ def export_runs(runs: list[Run], path: str) -> None:
             out.writerows(key + ["curve", int(s), f"{v:.6g}", ""] for s, v in downsample(run.curve))
             out.writerows(key + ["ratio", int(s), f"{hi:.6g}", f"{lo:.6g}"] for s, hi, lo in downsample(run.ratios))
             out.writerows([key + ["final", "", f"{run.final:.6g}", ""], key + ["sps", "", f"{run.sps:.6g}", ""]])
+            out.writerows(key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval))
+                          if not np.isnan(value))  # fmt: skip
 
 
 def read_runs_csv(path: str) -> list[Run]:
@@ -101,7 +127,8 @@ def read_runs_csv(path: str) -> list[Run]:
     for (env_id, exp_name, seed), kinds in rows.items():
         curve = np.array([(float(r["step"]), float(r["value"])) for r in kinds["curve"]]).reshape(-1, 2)
         ratios = np.array([(float(r["step"]), float(r["value"]), float(r["value2"])) for r in kinds["ratio"]]).reshape(-1, 3)
-        runs.append(Run(env_id, exp_name, seed, curve, ratios, float(kinds["final"][0]["value"]), float(kinds["sps"][0]["value"])))
+        scalar = {kind: float(kinds[kind][0]["value"]) if kinds[kind] else float("nan") for kind in ("final", "sps", "length", "eval")}
+        runs.append(Run(env_id, exp_name, seed, curve, ratios, **scalar))
     return runs
 
 
@@ -114,15 +141,123 @@ def group(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
 
 
 def final_returns_table(runs: list[Run]) -> str:
-    """Markdown: one row per environment and algorithm, mean ± std (ddof 1) over seeds of the final returns."""
-    rows = ["| environment | algorithm | seeds | final return | SPS |", "|---|---|---:|---:|---:|"]
+    """Markdown: one row per environment and algorithm, mean ± std (ddof 1) over seeds of the final returns (and of
+    the evaluation returns and final episode lengths, when every run has them)."""
+    with_eval = all(not np.isnan(run.eval) for run in runs)
+    with_length = all(not np.isnan(run.length) for run in runs)
+    extra = ["evaluation return"] * with_eval + ["episode length"] * with_length
+    rows = ["| " + " | ".join(["environment", "algorithm", "seeds", "final return", *extra, "SPS"]) + " |",
+            "|---|---|" + "---:|" * (3 + len(extra))]  # fmt: skip
+
+    def mean_std(values: list[float], digits: int = 1) -> str:
+        return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
+
     for env_id, algos in sorted(group(runs).items()):
         for exp_name, seeds in sorted(algos.items()):
-            finals = [run.final for run in seeds]
-            std = np.std(finals, ddof=1) if len(finals) > 1 else 0.0
+            cells = [mean_std([run.final for run in seeds])]
+            cells += [mean_std([run.eval for run in seeds])] * with_eval + [mean_std([run.length for run in seeds], 0)] * with_length
             sps = np.mean([run.sps for run in seeds])
-            rows.append(f"| {env_id} | {exp_name} | {len(finals)} | {np.mean(finals):.1f} ± {std:.1f} | {sps:,.0f} |")
+            rows.append(f"| {env_id} | {exp_name} | {len(seeds)} | {' | '.join(cells)} | {sps:,.0f} |")
     return "\n".join(rows)
+
+
+def ratio_table(runs: list[Run]) -> str:
+    """Markdown: per environment and algorithm, the median over updates (pooled over seeds) of ln ratio/max and
+    ln ratio/min after each update, their most extreme values, and the share of updates whose ratio/min is >= 1."""
+    rows = ["| environment | algorithm | median ln max | median ln min | largest ln max | smallest ln min | updates with min ≥ 1 |",
+            "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for env_id, algos in sorted(group(runs).items()):
+        for exp_name, seeds in sorted(algos.items()):
+            ratios = np.concatenate([run.ratios for run in seeds])
+            if not len(ratios):
+                continue
+            log_max, log_min = np.log(ratios[:, 1]), np.log(np.maximum(ratios[:, 2], 1e-300))
+            rows.append(f"| {env_id} | {exp_name} | {np.median(log_max):.3f} | {np.median(log_min):.3f} | {log_max.max():.2f} | "
+                        f"{log_min.min():.2f} | {np.mean(log_min >= 0):.0%} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def normalized_scores(runs: list[Run], reference: str) -> dict[str, dict[str, np.ndarray]]:
+    """exp_name -> env_id -> each seed's final return divided by `reference`'s mean final return on that env_id
+    (environments where the reference has no run are left out)."""
+    groups = group(runs)
+    scale = {env_id: np.mean([run.final for run in algos[reference]]) for env_id, algos in groups.items() if reference in algos}
+    if any(value <= 0 for value in scale.values()):
+        raise SystemExit(f"error: {reference} has a mean final return <= 0 on some environment; it cannot normalize")
+    scores = defaultdict(dict)
+    for env_id, algos in groups.items():
+        for exp_name, seeds in algos.items():
+            if env_id in scale:
+                scores[exp_name][env_id] = np.array([run.final for run in seeds]) / scale[env_id]
+    return scores
+
+
+def aggregate_table(runs: list[Run], reference: str, reps: int = 50_000, seed: int = 0) -> str:
+    """Markdown: per algorithm, the mean over environments of the mean normalized score, and the IQM of the
+    normalized scores over runs and environments with a 95 % stratified-bootstrap confidence interval (rliable).
+    Only algorithms with runs on every environment that the reference has are aggregated."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    scores = normalized_scores(runs, reference)
+    env_ids = sorted(scores[reference])
+    complete = {exp_name: by_env for exp_name, by_env in scores.items() if set(by_env) >= set(env_ids)}
+    # rliable takes a (runs, tasks) matrix per algorithm: the seeds that every environment has
+    matrices = {exp_name: np.stack([by_env[e][: min(len(by_env[e]) for e in env_ids)] for e in env_ids], 1)
+                for exp_name, by_env in complete.items()}  # fmt: skip
+    np.random.seed(seed)  # rliable's bootstrap draws from numpy's global generator
+    iqm, ci = rly.get_interval_estimates(matrices, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
+    rows = [f"Scores: final return / mean final return of {reference} on the same environment ({', '.join(env_ids)}).", "",
+            "| algorithm | runs per environment | mean score over environments | IQM [95 % CI] |", "|---|---:|---:|---:|"]  # fmt: skip
+    order = sorted(matrices, key=lambda name: -np.mean([complete[name][e].mean() for e in env_ids]))
+    for name in order:
+        mean = np.mean([complete[name][e].mean() for e in env_ids])
+        rows.append(f"| {name} | {matrices[name].shape[0]} | {mean:.3f} | {iqm[name][0]:.3f} [{ci[name][0, 0]:.3f}, {ci[name][1, 0]:.3f}] |")
+    return "\n".join(rows)
+
+
+def grid_value(exp_name: str, flag: str) -> tuple[str, float] | None:
+    """`("trefree_continuous_delta0.1", "delta")` -> `("trefree_continuous", 0.1)`: the script and the value of a
+    `utils.benchmark --grid` run, or None if the run did not sweep `flag`."""
+    match = re.fullmatch(rf"(?P<script>[a-z]+_continuous)(?:_.*)?_{re.escape(flag)}(?P<value>[-+0-9.e]+)(?:_.*)?", exp_name)
+    try:
+        return (match["script"], float(match["value"])) if match else None
+    except ValueError:
+        return None
+
+
+def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
+    """Per environment (rows) and flag (columns): final return against the flag's value (log axis); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(runs)
+    path = os.path.splitext(out)[0] + "_sensitivity.png"
+    fig, axes = plt.subplots(len(groups), len(flags), figsize=(4.5 * len(flags), 3.2 * len(groups)), squeeze=False, sharey="row")
+    for row, (env_id, algos) in zip(axes, sorted(groups.items())):
+        for ax, flag in zip(row, flags):
+            points = defaultdict(list)  # script -> (value, finals)
+            for exp_name, seeds in algos.items():
+                found = grid_value(exp_name, flag)
+                if found:
+                    points[found[0]].append((found[1], [run.final for run in seeds]))
+            for i, (script, values) in enumerate(sorted(points.items())):
+                values.sort()
+                x = np.array([v for v, _ in values])
+                for v, finals in values:
+                    ax.scatter([v] * len(finals), finals, s=12, color=f"C{i}", alpha=0.5)
+                ax.plot(x, [np.mean(finals) for _, finals in values], "o-", color=f"C{i}", label=script)
+                ax.set_xticks(x, [f"{v:g}" for v in x])
+            ax.set(xscale="log", title=env_id, xlabel=flag, ylabel="final return")
+            ax.minorticks_off()
+            if points:
+                ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(runs: list[Run], out: str) -> tuple[str, str]:
@@ -174,10 +309,18 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: no runs with episodic returns under '{args.folder}'")
     for path in plot(runs, args.out):
         print(f"wrote {path}")
+    if args.sensitivity:
+        print(f"wrote {plot_sensitivity(runs, args.sensitivity, args.out)}")
     if args.export:
         export_runs(runs, args.export)
         print(f"wrote {args.export}")
     print(final_returns_table(runs))
+    if args.ratios:
+        print("\n" + ratio_table(runs))
+    if args.reference:
+        if args.reference not in {run.exp_name for run in runs}:
+            raise SystemExit(f"error: no runs of --reference {args.reference} under '{args.folder}'")
+        print("\n" + aggregate_table(runs, args.reference))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""What `utils.plot` computes from runs for the Results: ratio ranges, normalized scores and their IQM,
+hyper-parameter sweeps (`utils.benchmark --grid`), and the evaluation returns and episode lengths."""
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from utils import plot
+
+
+def _run(env_id, exp_name, seed, final, ratios=((1000, 1.5, 0.8),)):
+    return plot.Run(env_id, exp_name, seed, np.array([[1000.0, final]]), np.array(ratios, float).reshape(-1, 3), final, 100.0)
+
+
+def test_ratio_table_against_hand_computed_logs():
+    ratios = [(1, np.exp(0.1), np.exp(-0.1)), (2, np.exp(0.3), np.exp(0.05)), (3, np.exp(0.2), np.exp(-0.3))]
+    table = plot.ratio_table([_run("Hopper-v5", "trefree_continuous", 1, 0.0, ratios)]).splitlines()
+    # medians 0.2 and -0.1, extremes 0.3 and -0.3, one update in three with ratio/min >= 1
+    assert table[2] == "| Hopper-v5 | trefree_continuous | 0.200 | -0.100 | 0.30 | -0.30 | 33% |"
+
+
+def test_normalized_scores_and_their_iqm_against_hand_computed_values():
+    runs = [_run("A-v5", "ref", 1, 100.0), _run("A-v5", "ref", 2, 300.0), _run("B-v5", "ref", 1, 10.0), _run("B-v5", "ref", 2, 30.0)]
+    runs += [_run("A-v5", "x", s, 100.0 * s) for s in (1, 2, 3, 4)] + [_run("B-v5", "x", s, 2.0 * s) for s in (1, 2, 3, 4)]
+    runs += [_run("A-v5", "only_a", 1, 50.0)]  # not on every environment: left out of the aggregate
+    scores = plot.normalized_scores(runs, "ref")
+    np.testing.assert_allclose(scores["x"]["A-v5"], [0.5, 1.0, 1.5, 2.0])  # / mean(100, 300)
+    np.testing.assert_allclose(scores["x"]["B-v5"], [0.1, 0.2, 0.3, 0.4])  # / mean(10, 30)
+    table = plot.aggregate_table(runs, "ref", reps=2000).splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"algorithm", "x", "ref"}
+    # x: the mean over environments of (1.25, 0.25) = 0.75; IQM = mean of the middle half of the 8 scores,
+    # (0.3, 0.4, 0.5, 1.0) -> 0.55. ref: scores 0.5, 1.5 on each environment -> mean 1, IQM 1
+    assert rows["x"].startswith("| x | 4 | 0.750 | 0.550 [") and rows["ref"].startswith("| ref | 2 | 1.000 | 1.000 [")
+    low, high = (float(v) for v in rows["x"].split("[")[1].rstrip("] |").split(", "))
+    assert low <= 0.55 <= high and low < high
+
+
+def test_a_reference_without_a_positive_mean_cannot_normalize():
+    with pytest.raises(SystemExit, match="mean final return <= 0"):
+        plot.normalized_scores([_run("A-v5", "ref", 1, -5.0)], "ref")
+
+
+@pytest.mark.parametrize(
+    "exp_name, flag, expected",
+    [
+        ("trefree_continuous_delta0.1", "delta", ("trefree_continuous", 0.1)),
+        ("ppo_continuous_clip-coef0.3_nocfrc", "clip-coef", ("ppo_continuous", 0.3)),
+        ("trefree_continuous_delta1e-3", "delta", ("trefree_continuous", 0.001)),
+        ("ppo_continuous", "clip-coef", None),
+        ("trefree_continuous_delta0.1", "clip-coef", None),
+    ],
+)
+def test_grid_value_reads_the_exp_names_of_a_grid_sweep(exp_name, flag, expected):
+    assert plot.grid_value(exp_name, flag) == expected
+
+
+def test_sensitivity_figure(tmp_path):
+    runs = [_run(env, f"trefree_continuous_delta{d}", s, d * s) for env in ("A-v5", "B-v5") for d in (0.01, 0.1) for s in (1, 2)]
+    runs += [_run(env, f"ppo_continuous_clip-coef{e}", s, e) for env in ("A-v5", "B-v5") for e in (0.1, 0.2) for s in (1, 2)]
+    path = plot.plot_sensitivity(runs, ("delta", "clip-coef"), str(tmp_path / "screen.png"))
+    assert path == str(tmp_path / "screen_sensitivity.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_returns_and_episode_lengths_reach_the_table_and_the_csv(tmp_path):
+    for seed in (1, 2):
+        writer = SummaryWriter(str(tmp_path / "runs" / f"Ant-v5__ppo_continuous__{seed}__1700000000"))
+        for episode in range(10):  # the last 10 % = the last episode
+            writer.add_scalar("charts/episodic_return", float(episode), 100 * (episode + 1))
+            writer.add_scalar("charts/episodic_length", 10.0 * seed + episode, 100 * (episode + 1))
+        writer.add_scalar("charts/SPS", 1000.0, 1000)
+        for i in range(10):  # the final evaluation: 10 episodes of returns 1000 * seed + i
+            writer.add_scalar("eval/episodic_return", 1000.0 * seed + i, i)
+        writer.close()
+    expected = "| Ant-v5 | ppo_continuous | 2 | 9.0 ± 0.0 | 1504.5 ± 707.1 | 24 ± 7 | 1,000 |"
+    runs = plot.load_runs(str(tmp_path / "runs"))
+    assert plot.final_returns_table(runs).splitlines()[0].endswith("| evaluation return | episode length | SPS |")
+    assert plot.final_returns_table(runs).splitlines()[2] == expected
+    plot.export_runs(runs, str(tmp_path / "results" / "runs.csv"))
+    assert plot.final_returns_table(plot.load_runs(str(tmp_path / "results"))).splitlines()[2] == expected

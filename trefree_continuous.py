@@ -106,74 +106,6 @@ class Args:
     """if set, stop the update's epochs once the batch's approximate KL exceeds it"""
 
 
-class ArgsError(ValueError):
-    """A bad command line or environment; reported as one line with exit code 2."""
-
-
-class NumericalFault(RuntimeError):
-    """A NaN or an infinity in training or from an environment; training stops (exit code 3)."""
-
-
-def check_finite(values: dict[str, torch.Tensor | float], where: str) -> None:
-    """Raise NumericalFault naming the first of `values` that holds a NaN or an infinity."""
-    for name, value in values.items():
-        if not torch.isfinite(torch.as_tensor(value)).all():
-            raise NumericalFault(f"{name} is not finite {where}")
-
-
-def check_args(args: Args) -> None:
-    """Reject arguments the algorithm cannot run with, before anything is built (`not x > 0` also rejects NaN)."""
-    batch_size = args.num_envs * args.num_steps
-    checks = [
-        (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
-        (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
-        (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
-         f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
-        (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
-        (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
-        (not args.learning_rate > 0, "--learning-rate must be positive"),
-        (args.update_epochs < 1, "--update-epochs must be at least 1"),
-        (not args.delta > 0 or not args.ratio_clip > 0, "--delta and --ratio-clip must be positive"),
-        (not args.max_grad_norm > 0 or not args.vf_clip_coef > 0, "--max-grad-norm and --vf-clip-coef must be positive"),
-        (args.target_kl is not None and not args.target_kl > 0, "--target-kl must be positive"),
-    ]  # fmt: skip
-    for failed, message in checks:
-        if failed:
-            raise ArgsError(message)
-
-
-def parse_env_kwargs(items: tuple[str, ...]) -> dict:
-    """`("include_cfrc_ext_in_observation=False", ...)` -> keyword arguments of `gym.make`, or ArgsError."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ArgsError(f"--env-kwargs takes KEY=VALUE, not '{item}'")
-        try:
-            kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
-        except (ValueError, SyntaxError):
-            kwargs[key] = value  # a string
-    return kwargs
-
-
-def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
-    """Return (observation size, action size) of a Box-in, Box-out environment, or raise ArgsError."""
-    try:
-        env = gym.make(env_id, **env_kwargs)
-    except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
-        close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
-        raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
-    except Exception as e:  # a missing dependency, a bad entry point, ...
-        raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
-        raise ArgsError(f"{env_id} has action space {act_space}; this script needs a 1-D Box (continuous actions)")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise ArgsError(f"{env_id} has observation space {obs_space}; this script needs a 1-D Box")
-    return obs_space.shape[0], act_space.shape[0]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------------------
@@ -497,72 +429,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
-                     global_step: int, iteration: int) -> dict:  # fmt: skip
-    """Everything needed to evaluate the policy or to continue the run, copied."""
-    return copy.deepcopy({
-        "algo": "trefree_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
-        "global_step": global_step, "iteration": iteration,
-        "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    })  # fmt: skip
-
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write atomically (a temporary file, then a rename): a crash while writing leaves the previous checkpoint intact."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this script, or ArgsError."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ArgsError(f"no checkpoint at '{path}'") from None
-    except Exception:
-        raise ArgsError(f"'{path}' is not a checkpoint") from None
-    if not isinstance(checkpoint, dict) or "algo" not in checkpoint:
-        raise ArgsError(f"'{path}' is not a checkpoint")
-    if checkpoint["algo"] != "trefree_continuous":
-        raise ArgsError(f"'{path}' is a checkpoint of {checkpoint['algo']}.py, not of trefree_continuous.py")
-    return checkpoint
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """While active, SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop at the end of the current
-    iteration, so that the last checkpoint is a consistent state; a second Ctrl-C stops at once.
-    Yields a function that returns the signal received (0: none)."""
-    received = []
-
-    def handler(signum, frame):
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield lambda: 0
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: received[0] if received else 0
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:
-    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here."""
-    try:
-        from utils.evaluate import evaluate
-    except ImportError:
-        print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
-        return
-    for i, episodic_return in enumerate(evaluate(path, episodes=10)):
-        writer.add_scalar("eval/episodic_return", episodic_return, i)
-
-
 def train(args: Args) -> dict[str, float]:
     """Train TREFree, or continue the run of the checkpoint `args.resume`. Returns the final global step,
     the mean raw return of the last 10 episodes, and the signal that stopped the run early (0: none)."""
@@ -680,6 +546,143 @@ def train(args: Args) -> dict[str, float]:
             evaluate_checkpoint(checkpoint_path, writer)
     writer.close()
     return {"global_step": global_step, "mean_return": mean_return, "stopped_by": stopped_by}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plumbing: argument and environment checks, checkpoints, stop signals, the final evaluation
+# ---------------------------------------------------------------------------------------------------
+class ArgsError(ValueError):
+    """A bad command line or environment; reported as one line with exit code 2."""
+
+
+class NumericalFault(RuntimeError):
+    """A NaN or an infinity in training or from an environment; training stops (exit code 3)."""
+
+
+def check_finite(values: dict[str, torch.Tensor | float], where: str) -> None:
+    """Raise NumericalFault naming the first of `values` that holds a NaN or an infinity."""
+    for name, value in values.items():
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise NumericalFault(f"{name} is not finite {where}")
+
+
+def check_args(args: Args) -> None:
+    """Reject arguments the algorithm cannot run with, before anything is built (`not x > 0` also rejects NaN)."""
+    batch_size = args.num_envs * args.num_steps
+    checks = [
+        (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
+        (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
+        (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
+         f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
+        (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
+        (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
+        (not args.learning_rate > 0, "--learning-rate must be positive"),
+        (args.update_epochs < 1, "--update-epochs must be at least 1"),
+        (not args.delta > 0 or not args.ratio_clip > 0, "--delta and --ratio-clip must be positive"),
+        (not args.max_grad_norm > 0 or not args.vf_clip_coef > 0, "--max-grad-norm and --vf-clip-coef must be positive"),
+        (args.target_kl is not None and not args.target_kl > 0, "--target-kl must be positive"),
+    ]  # fmt: skip
+    for failed, message in checks:
+        if failed:
+            raise ArgsError(message)
+
+
+def parse_env_kwargs(items: tuple[str, ...]) -> dict:
+    """`("include_cfrc_ext_in_observation=False", ...)` -> keyword arguments of `gym.make`, or ArgsError."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ArgsError(f"--env-kwargs takes KEY=VALUE, not '{item}'")
+        try:
+            kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
+        except (ValueError, SyntaxError):
+            kwargs[key] = value  # a string
+    return kwargs
+
+
+def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
+    """Return (observation size, action size) of a Box-in, Box-out environment, or raise ArgsError."""
+    try:
+        env = gym.make(env_id, **env_kwargs)
+    except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
+        close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
+        raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
+    except Exception as e:  # a missing dependency, a bad entry point, ...
+        raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise ArgsError(f"{env_id} has action space {act_space}; this script needs a 1-D Box (continuous actions)")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ArgsError(f"{env_id} has observation space {obs_space}; this script needs a 1-D Box")
+    return obs_space.shape[0], act_space.shape[0]
+
+
+def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
+                     global_step: int, iteration: int) -> dict:  # fmt: skip
+    """Everything needed to evaluate the policy or to continue the run, copied."""
+    return copy.deepcopy({
+        "algo": "trefree_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
+        "global_step": global_step, "iteration": iteration,
+        "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
+        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    })  # fmt: skip
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically (a temporary file, then a rename): a crash while writing leaves the previous checkpoint intact."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ArgsError."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArgsError(f"no checkpoint at '{path}'") from None
+    except Exception:
+        raise ArgsError(f"'{path}' is not a checkpoint") from None
+    if not isinstance(checkpoint, dict) or "algo" not in checkpoint:
+        raise ArgsError(f"'{path}' is not a checkpoint")
+    if checkpoint["algo"] != "trefree_continuous":
+        raise ArgsError(f"'{path}' is a checkpoint of {checkpoint['algo']}.py, not of trefree_continuous.py")
+    return checkpoint
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While active, SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop at the end of the current
+    iteration, so that the last checkpoint is a consistent state; a second Ctrl-C stops at once.
+    Yields a function that returns the signal received (0: none)."""
+    received = []
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield lambda: 0
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:
+    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here."""
+    try:
+        from utils.evaluate import evaluate
+    except ImportError:
+        print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
+        return
+    for i, episodic_return in enumerate(evaluate(path, episodes=10)):
+        writer.add_scalar("eval/episodic_return", episodic_return, i)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Trust-Region-Free Policy Optimization (TREFree) for continuous control (Gymnasium 1.x, MuJoCo), in one file.
 
 Sun, Ellis, Mahajan, Devlin, Hofmann, Whiteson, "Trust-Region-Free Policy Optimization for Stochastic
-Policies". Equation, algorithm and section numbers in the comments refer to that paper. TREFree
-maximises the generalized surrogate G(pi~) = E[(pi~/pi - 1) A], eq. (6), conservatively: each sample's
-term is capped at a margin delta (Algorithm 1), with no trust region on the policy. The rest follows
-Section 4: observation, reward and batch-level advantage normalization, actor and critic MLPs (2 x 64
-tanh) that share their first layer, and a learning rate decayed linearly from 3e-4 to 0.
+Policies" (2023, arXiv:2302.07985). Equation, algorithm and section numbers in the comments refer to
+that paper. TREFree maximises the generalized surrogate G(pi~) = E[(pi~/pi - 1) A], eq. (6),
+conservatively: each sample's term is capped at a margin delta (Algorithm 1), with no trust region on
+the policy. The rest follows Section 4: observation, reward and batch-level advantage normalization,
+actor and critic MLPs (2 x 64 tanh) that share their first layer, and a learning rate decayed
+linearly from 3e-4 to 0.
 
     python trefree_continuous.py --env-id Hopper-v5 --seed 1
 """
@@ -24,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal
 
 import gymnasium as gym
@@ -56,14 +57,14 @@ class Args:
     checkpoint_interval: int = 0
     """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
     resume: str | None = None
-    """continue the run of this checkpoint, in its run directory and with its saved arguments"""
+    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
     env_kwargs: tuple[str, ...] = ()
     """keyword arguments of `gym.make` as KEY=VALUE, VALUE a Python literal or else a string (e.g. `include_cfrc_ext_in_observation=False`)"""
-    total_timesteps: int = 1_000_000
-    """total environment steps of the experiment"""
+    total_timesteps: int | None = None
+    """total environment steps of the experiment (default: 1,000,000); with --resume, a new total for the run (default: its own)"""
     learning_rate: float = 3e-4
     """the learning rate of the optimizer"""
     num_envs: int = 1
@@ -85,7 +86,7 @@ class Args:
     norm_adv: Literal["batch", "minibatch", "none"] = "batch"
     """normalize the advantages within the whole batch (Section 4), within each minibatch (PPO's way), or not"""
     delta: float = 0.01
-    """the margin delta of Algorithm 1: each sample's term (r - 1) A is capped at delta"""
+    """the margin delta of Algorithm 1: each sample's term (r - 1) A is capped at delta (inf: no cap, as --conservative none)"""
     conservative: Literal["objective", "ratio", "none"] = "objective"
     """how G is optimised (Section 3.2): cap the objective (TREFree), clip the ratio deviation, or neither"""
     ratio_clip: float = 0.2
@@ -280,8 +281,10 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
         "dones": np.zeros((num_steps, num_envs), np.float32),
     }
     episodes = []
+    # The numpy side: CPU copies of the policy (its weights, sigma), and the noise from the CPU generator.
     actor_mean = numpy_actor(agent)
-    noise = (agent.actor_logstd.exp() * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
+    sigma = agent.actor_logstd.detach().cpu().exp()
+    noise = (sigma * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
     for t in range(num_steps):
         action = actor_mean(obs) + noise[t]  # a = mu(s) + sigma * eps ~ N(mu(s), sigma^2)
         # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
@@ -328,7 +331,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 @torch.no_grad()
 def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float,
                device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env)."""
+    """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env).
+    The one place where the rollout's numpy arrays become tensors on `device`."""
     b = {k: torch.from_numpy(v).to(device) for k, v in rollout_batch.items()}
     values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
     advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
@@ -433,11 +437,18 @@ def train(args: Args) -> dict[str, float]:
     """Train TREFree, or continue the run of the checkpoint `args.resume`. Returns the final global step,
     the mean raw return of the last 10 episodes, and the signal that stopped the run early (0: none)."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:  # the run goes on with the arguments it was started with
-        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k != "resume" and v != getattr(Args(), k)]
+    if checkpoint is None:
+        args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
+    else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
+        taken = ("resume", "total_timesteps", "cuda")  # the device is the machine's, not the run's
+        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
         if ignored:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
-        args = Args(**(checkpoint["args"] | {"resume": args.resume}))
+        total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
+        batch_size = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
+        if total_timesteps // batch_size <= checkpoint["iteration"]:
+            raise ArgsError(f"--total-timesteps {total_timesteps} adds no iteration to the checkpoint's {checkpoint['global_step']} steps")
+        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda}))
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs)
@@ -567,20 +578,27 @@ def check_finite(values: dict[str, torch.Tensor | float], where: str) -> None:
 
 
 def check_args(args: Args) -> None:
-    """Reject arguments the algorithm cannot run with, before anything is built (`not x > 0` also rejects NaN)."""
+    """Reject arguments the algorithm cannot run with, before anything is built. Every bound is written so that
+    NaN fails it (`not 0 < x < inf` is True for NaN), and `< inf` refuses infinities."""
+    inf = math.inf
     batch_size = args.num_envs * args.num_steps
+    max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))  # env i of iteration k: seed + k num_envs + i
     checks = [
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
         (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
+        (not 0 <= args.seed <= max_seed, f"--seed must be between 0 and {max_seed}"),
         (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
          f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
-        (not args.learning_rate > 0, "--learning-rate must be positive"),
+        (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
+        (not 0 < args.learning_rate < inf, "--learning-rate must be positive and finite"),
         (args.update_epochs < 1, "--update-epochs must be at least 1"),
-        (not args.delta > 0 or not args.ratio_clip > 0, "--delta and --ratio-clip must be positive"),
-        (not args.max_grad_norm > 0 or not args.vf_clip_coef > 0, "--max-grad-norm and --vf-clip-coef must be positive"),
-        (args.target_kl is not None and not args.target_kl > 0, "--target-kl must be positive"),
+        (not 0 < args.vf_coef < inf, "--vf-coef must be positive and finite"),
+        (not 0 < args.max_grad_norm < inf, "--max-grad-norm must be positive and finite"),
+        (not args.delta > 0, "--delta must be positive (inf: no cap)"),
+        (not 0 < args.ratio_clip < inf or not 0 < args.vf_clip_coef < inf, "--ratio-clip and --vf-clip-coef must be positive and finite"),
+        (args.target_kl is not None and not 0 < args.target_kl < inf, "--target-kl must be positive and finite"),
     ]  # fmt: skip
     for failed, message in checks:
         if failed:

@@ -1,7 +1,7 @@
 """Trust Region Policy Optimization (TRPO), single path, for continuous control (Gymnasium 1.x, MuJoCo), in one file.
 
-Schulman, Levine, Moritz, Jordan, Abbeel (2015), "Trust Region Policy Optimization". Equation and
-section numbers in the comments refer to that paper. Each iteration solves problem (15): maximise the
+Schulman, Levine, Moritz, Jordan, Abbeel (2015), "Trust Region Policy Optimization", arXiv:1502.05477.
+Equation and section numbers in the comments refer to that paper. Each iteration solves problem (15): maximise the
 importance-sampled surrogate E[pi_theta(a|s) / pi_old(a|s) A] subject to the mean KL(pi_old || pi_theta)
 <= delta, by conjugate gradient on Fisher-vector products and a backtracking line search (Section 6,
 Appendix C). The value function is a separate MLP fitted by Adam. Defaults are those of OpenAI
@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Callable, Literal
 
 import gymnasium as gym
@@ -60,14 +60,14 @@ class Args:
     checkpoint_interval: int = 0
     """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
     resume: str | None = None
-    """continue the run of this checkpoint, in its run directory and with its saved arguments"""
+    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
     env_kwargs: tuple[str, ...] = ()
     """keyword arguments of `gym.make` as KEY=VALUE, VALUE a Python literal or else a string (e.g. `include_cfrc_ext_in_observation=False`)"""
-    total_timesteps: int = 1_000_000
-    """total environment steps of the experiment"""
+    total_timesteps: int | None = None
+    """total environment steps of the experiment (default: 1,000,000); with --resume, a new total for the run (default: its own)"""
     vf_learning_rate: Annotated[float, tyro.conf.arg(aliases=("--learning-rate",))] = 1e-3
     """the learning rate of the value function's Adam (the policy's step is set by --max-kl)"""
     num_envs: int = 1
@@ -284,8 +284,10 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
         "dones": np.zeros((num_steps, num_envs), np.float32),
     }
     episodes = []
+    # The numpy side: CPU copies of the policy (its weights, sigma), and the noise from the CPU generator.
     actor_mean = numpy_actor(agent)
-    noise = (agent.actor_logstd.exp() * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
+    sigma = agent.actor_logstd.detach().cpu().exp()
+    noise = (sigma * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
     for t in range(num_steps):
         action = actor_mean(obs) + noise[t]  # a = mu(s) + sigma * eps ~ N(mu(s), sigma^2)
         # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
@@ -332,7 +334,8 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 @torch.no_grad()
 def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float,
                device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env)."""
+    """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env).
+    The one place where the rollout's numpy arrays become tensors on `device`."""
     b = {k: torch.from_numpy(v).to(device) for k, v in rollout_batch.items()}
     values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
     advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
@@ -501,11 +504,18 @@ def train(args: Args) -> dict[str, float]:
     """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step,
     the mean raw return of the last 10 episodes, and the signal that stopped the run early (0: none)."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is not None:  # the run goes on with the arguments it was started with
-        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k != "resume" and v != getattr(Args(), k)]
+    if checkpoint is None:
+        args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
+    else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
+        taken = ("resume", "total_timesteps", "cuda")  # the device is the machine's, not the run's
+        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
         if ignored:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
-        args = Args(**(checkpoint["args"] | {"resume": args.resume}))
+        total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
+        batch_size = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
+        if total_timesteps // batch_size <= checkpoint["iteration"]:
+            raise ArgsError(f"--total-timesteps {total_timesteps} adds no iteration to the checkpoint's {checkpoint['global_step']} steps")
+        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda}))
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs)
@@ -635,20 +645,25 @@ def check_finite(values: dict[str, torch.Tensor | float], where: str) -> None:
 
 
 def check_args(args: Args) -> None:
-    """Reject arguments the algorithm cannot run with, before anything is built (`not x > 0` also rejects NaN)."""
+    """Reject arguments the algorithm cannot run with, before anything is built. Every bound is written so that
+    NaN fails it (`not 0 < x < inf` is True for NaN), and `< inf` refuses infinities."""
+    inf = math.inf
     batch_size = args.num_envs * args.num_steps
+    max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))  # env i of iteration k: seed + k num_envs + i
     checks = [
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
         (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
+        (not 0 <= args.seed <= max_seed, f"--seed must be between 0 and {max_seed}"),
         (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
          f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
-        (not args.vf_learning_rate > 0, "--vf-learning-rate must be positive"),
+        (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
+        (not 0 < args.vf_learning_rate < inf, "--vf-learning-rate must be positive and finite"),
         (args.vf_iters < 1 or args.cg_iters < 1 or args.line_search_steps < 1,
          "--vf-iters, --cg-iters and --line-search-steps must be at least 1"),
-        (not args.max_kl > 0 or not args.npg_step_size > 0, "--max-kl and --npg-step-size must be positive"),
-        (not args.cg_damping >= 0, "--cg-damping must be 0 or positive"),
+        (not 0 < args.max_kl < inf or not 0 < args.npg_step_size < inf, "--max-kl and --npg-step-size must be positive and finite"),
+        (not 0 <= args.cg_damping < inf, "--cg-damping must be 0 or positive, and finite"),
     ]  # fmt: skip
     for failed, message in checks:
         if failed:

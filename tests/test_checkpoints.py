@@ -94,6 +94,53 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(algo):
     assert lr == dict(read_scalars(only_run_dir("runs/*__straight__*"))["charts/learning_rate"])
 
 
+def test_a_finished_run_resumed_with_a_larger_total_equals_a_longer_run(algo):
+    """`--resume CKPT --total-timesteps N` extends the run in its own directory; with a constant learning rate
+    the extended run ends where an uninterrupted run of N steps does, bit for bit."""
+    algo.train(_aligned_args(algo, anneal_lr=False, save_model=True, exp_name="straight"))
+    straight = torch.load(only_run_dir("runs/*__straight__*") + "/straight.pt", weights_only=True)
+    algo.train(_aligned_args(algo, anneal_lr=False, save_model=True, exp_name="extended", total_timesteps=4 * 64))
+    path = os.path.join(only_run_dir("runs/*__extended__*"), "extended.pt")
+    with pytest.raises(algo.ArgsError, match="--total-timesteps 319 adds no iteration to the checkpoint's 256 steps"):
+        algo.train(algo.Args(resume=path, total_timesteps=4 * 64 + 63))
+    summary = algo.train(algo.Args(resume=path, total_timesteps=8 * 64))
+    assert summary["global_step"] == 8 * 64 and len(os.listdir("runs")) == 2  # the same run directory
+    extended = torch.load(path, weights_only=True)
+    assert extended["args"]["total_timesteps"] == 8 * 64 and extended["iteration"] == 8
+    for key in straight["model"]:
+        torch.testing.assert_close(extended["model"][key], straight["model"][key], rtol=0, atol=0)
+
+
+def test_an_extended_run_anneals_the_learning_rate_over_its_new_total(algo):
+    lr_name = "vf_learning_rate" if algo.__name__ == "trpo_continuous" else "learning_rate"
+    algo.train(_aligned_args(algo, anneal_lr=True, save_model=True, total_timesteps=2 * 64))
+    run_dir = only_run_dir()
+    algo.train(algo.Args(resume=os.path.join(run_dir, f"{algo.__name__}.pt"), total_timesteps=4 * 64))
+    lr0 = getattr(algo.Args(), lr_name)
+    lr = [value for _, value in read_scalars(run_dir)["charts/learning_rate"]]
+    # iterations 1-2 annealed over 2 iterations; 3-4 as if the run had been started with 4: lr0 (1 - (i - 1) / 4)
+    np.testing.assert_allclose(lr, [lr0, lr0 / 2, lr0 * 2 / 4, lr0 * 1 / 4], rtol=1e-6)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_saves_resumes_and_evaluates_on_each_device(algo, device):
+    """The rollout (numpy, CPU) and the update (`device`) meet in one place; a checkpoint holds the device's
+    tensors and is read on the CPU by utils.evaluate and by a resumed run on any device."""
+    args = algo.Args(env_id="InvertedPendulum-v5", total_timesteps=2 * 512, num_steps=512, num_minibatches=4, cuda=device == "cuda",
+                     save_model=True)  # fmt: skip
+    algo.train(args)
+    path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
+    assert torch.load(path, weights_only=True)["model"]["actor_logstd"].device.type == device
+    for cuda in (device == "cuda", device != "cuda"):  # continue on this device, then on the other one (the CPU without a GPU)
+        summary = algo.train(algo.Args(resume=path, cuda=cuda, total_timesteps=torch.load(path, weights_only=True, map_location="cpu")["global_step"] + 512))
+        assert summary["stopped_by"] == 0
+    assert torch.load(path, weights_only=True, map_location="cpu")["global_step"] == 4 * 512
+    assert len(evaluation.evaluate(path, episodes=2)) == 2
+
+
 def test_checkpoint_is_written_atomically(algo, monkeypatch):
     """A crash while writing leaves the previous checkpoint readable."""
     algo.train(_aligned_args(algo, total_timesteps=64, save_model=True))

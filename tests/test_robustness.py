@@ -40,6 +40,11 @@ def _bad_args(name):
         (dict(num_steps=-5), "--num-envs and --num-steps must be positive"),
         ({lr: 0.0}, f"--{lr.replace('_', '-')} must be positive"),
         ({lr: float("nan")}, f"--{lr.replace('_', '-')} must be positive"),
+        ({lr: float("inf")}, f"--{lr.replace('_', '-')} must be positive and finite"),
+        (dict(seed=-1), "--seed must be between 0 and 4294966808" if name != "trpo_continuous" else "--seed must be between 0 and 4294966320"),
+        (dict(seed=2**32), "--seed must be between 0 and"),
+        (dict(ent_coef=float("nan")), "--ent-coef must be 0 or positive, and finite"),
+        (dict(ent_coef=-0.1), "--ent-coef must be 0 or positive, and finite"),
         (dict(gamma=1.5), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(gae_lambda=-0.1), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(checkpoint_interval=-1), "--checkpoint-interval must be 0 or positive"),
@@ -47,10 +52,17 @@ def _bad_args(name):
         (dict(env_kwargs=("1x=2",)), "--env-kwargs takes KEY=VALUE, not '1x=2'"),
         (dict(env_id="Hopper-v5", env_kwargs=("foo=1",)), "cannot make environment 'Hopper-v5': "),
     ]
+    if name != "trpo_continuous":
+        cases += [(dict(vf_coef=-1.0), "--vf-coef must be positive and finite"), (dict(max_grad_norm=float("inf")), "--max-grad-norm must be positive and finite"),
+                  (dict(target_kl=float("nan")), "--target-kl must be positive and finite")]  # fmt: skip
+    if name == "ppo_continuous":
+        cases += [(dict(clip_coef=float("inf")), "--clip-coef must be positive and finite"), (dict(clip_coef=0.0), "--clip-coef must be positive and finite")]
     if name == "trefree_continuous":
-        cases += [(dict(delta=0.0), "--delta and --ratio-clip must be positive"), (dict(delta=-0.01), "--delta and --ratio-clip must be positive")]
+        cases += [(dict(delta=0.0), "--delta must be positive (inf: no cap)"), (dict(delta=-0.01), "--delta must be positive"),
+                  (dict(delta=float("nan")), "--delta must be positive"), (dict(ratio_clip=float("inf")), "--ratio-clip and --vf-clip-coef must be positive and finite")]  # fmt: skip
     if name == "trpo_continuous":
-        cases += [(dict(max_kl=0.0), "--max-kl and --npg-step-size must be positive"), (dict(max_kl=-1.0), "--max-kl and --npg-step-size must be positive")]
+        cases += [(dict(max_kl=0.0), "--max-kl and --npg-step-size must be positive"), (dict(max_kl=-1.0), "--max-kl and --npg-step-size must be positive"),
+                  (dict(max_kl=float("inf")), "--max-kl and --npg-step-size must be positive and finite"), (dict(cg_damping=float("nan")), "--cg-damping must be 0 or positive")]  # fmt: skip
     return cases
 
 
@@ -65,7 +77,7 @@ def test_bad_arguments_are_refused_before_anything_is_built(algo):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_command_line_gets_one_line_and_exit_code_2(tmp_path, script):
     flag = "--" + LEARNING_RATE[script].replace("_", "-")
-    for argv in (["--gamma", "1.5"], [flag, "-1"], ["--num-minibatches", "7"]):
+    for argv in (["--gamma", "1.5"], [flag, "-1"], ["--num-minibatches", "7"], ["--seed", "-1"], [flag, "inf"], ["--ent-coef", "nan"]):
         result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
         assert result.returncode == 2, (argv, result.stderr)

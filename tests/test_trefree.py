@@ -59,6 +59,13 @@ def test_non_conservative_is_the_plain_surrogate():
     torch.testing.assert_close(grad, -torch.tensor([1.5, -2.2, -0.5, 2.7]) / 4)
 
 
+def test_infinite_delta_is_the_non_conservative_surrogate():
+    ratio, advantages = [1.5, 1.1, 0.5, 0.9], [1.0, -2.0, -1.0, 3.0]
+    loss, grad, capped = _loss_and_grad(ratio, advantages, delta=float("inf"), conservative="objective")
+    assert loss == pytest.approx(-(0.5 - 0.2 + 0.5 - 0.3) / 4, abs=1e-6) and not capped.any()
+    torch.testing.assert_close(grad, -torch.tensor([1.5, -2.2, -0.5, 2.7]) / 4)
+
+
 def _value_loss_grads(agent):
     agent.zero_grad()
     trefree.value_loss(agent.value(torch.randn(16, 5)), torch.zeros(16), torch.randn(16), 0.2, False).backward()

@@ -411,8 +411,8 @@ def train(args: Args) -> dict[str, float]:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
         total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
         batch_size = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
-        if total_timesteps // batch_size <= checkpoint["iteration"]:
-            raise ArgsError(f"--total-timesteps {total_timesteps} adds no iteration to the checkpoint's {checkpoint['global_step']} steps")
+        if total_timesteps // batch_size < checkpoint["iteration"]:
+            raise ArgsError(f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps")
         args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda}))
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)

@@ -101,8 +101,8 @@ def test_a_finished_run_resumed_with_a_larger_total_equals_a_longer_run(algo):
     straight = torch.load(only_run_dir("runs/*__straight__*") + "/straight.pt", weights_only=True)
     algo.train(_aligned_args(algo, anneal_lr=False, save_model=True, exp_name="extended", total_timesteps=4 * 64))
     path = os.path.join(only_run_dir("runs/*__extended__*"), "extended.pt")
-    with pytest.raises(algo.ArgsError, match="--total-timesteps 319 adds no iteration to the checkpoint's 256 steps"):
-        algo.train(algo.Args(resume=path, total_timesteps=4 * 64 + 63))
+    with pytest.raises(algo.ArgsError, match="--total-timesteps 255 is fewer than the checkpoint's 256 steps"):
+        algo.train(algo.Args(resume=path, total_timesteps=4 * 64 - 1))
     summary = algo.train(algo.Args(resume=path, total_timesteps=8 * 64))
     assert summary["global_step"] == 8 * 64 and len(os.listdir("runs")) == 2  # the same run directory
     extended = torch.load(path, weights_only=True)

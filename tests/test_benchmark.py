@@ -119,9 +119,10 @@ def test_runs_already_in_a_results_csv_are_skipped(tmp_path, capsys):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(grid=("delta",)), "--grid takes FLAG=V1,V2,..."),
-        (dict(grid=("delta=0.1,",)), "--grid takes FLAG=V1,V2,..."),
+        (dict(grid=("delta",)), "--grid takes \\[ALGO:\\]FLAG=V1,V2,..."),
+        (dict(grid=("delta=0.1,",)), "--grid takes \\[ALGO:\\]FLAG=V1,V2,..."),
         (dict(grid=("seed=1,2",)), "--grid cannot sweep --seed"),
+        (dict(grid=("sac:delta=0.1",)), "--grid names an unknown algorithm: sac"),
         (dict(tag="a_b"), "--tag takes letters, digits"),
         (dict(skip_runs_in=("missing.csv",)), "'missing.csv' is not a CSV file of runs"),
     ],
@@ -129,3 +130,11 @@ def test_runs_already_in_a_results_csv_are_skipped(tmp_path, capsys):
 def test_bad_sweep_arguments_are_refused(tmp_path, kwargs, message):
     with pytest.raises(SystemExit, match=message):
         benchmark.main(_args(tmp_path, dry_run=True, **kwargs), [])
+
+
+def test_grid_items_for_one_algorithm(tmp_path, capsys):
+    args = _args(tmp_path, algos=("trefree", "ppo", "trpo"), seeds=(1,), grid=("trefree:delta=0.1,0.3", "ppo:clip-coef=0.3"), dry_run=True)
+    assert benchmark.main(args, []) == 0
+    names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == ["InvertedPendulum-v5__trefree_continuous_delta0.1__1", "InvertedPendulum-v5__trefree_continuous_delta0.3__1",
+                     "InvertedPendulum-v5__ppo_continuous_clip-coef0.3__1", "InvertedPendulum-v5__trpo_continuous__1"]  # fmt: skip

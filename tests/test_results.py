@@ -78,3 +78,13 @@ def test_evaluation_returns_and_episode_lengths_reach_the_table_and_the_csv(tmp_
     assert plot.final_returns_table(runs).splitlines()[2] == expected
     plot.export_runs(runs, str(tmp_path / "results" / "runs.csv"))
     assert plot.final_returns_table(plot.load_runs(str(tmp_path / "results"))).splitlines()[2] == expected
+
+
+def test_choose_takes_the_grid_value_with_the_highest_mean_normalized_score():
+    runs = [_run(env, "ref", 1, 100.0) for env in ("A-v5", "B-v5")]
+    # delta 0.1: scores 1.5 and 0.1 (mean 0.8); delta 0.3: 0.6 and 0.9 (mean 0.75); delta 1: on A only
+    runs += [_run("A-v5", "trefree_continuous_delta0.1", 1, 150.0), _run("B-v5", "trefree_continuous_delta0.1", 1, 10.0)]
+    runs += [_run("A-v5", "trefree_continuous_delta0.3", 1, 60.0), _run("B-v5", "trefree_continuous_delta0.3", 1, 90.0)]
+    runs += [_run("A-v5", "trefree_continuous_delta1", 1, 500.0)]
+    best, means = plot.choose(runs, "ref", "delta")
+    assert best == "trefree_continuous_delta0.1" and means == pytest.approx({best: 0.8, "trefree_continuous_delta0.3": 0.75})

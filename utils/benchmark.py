@@ -7,7 +7,8 @@
 A job is one run of `<algo>_continuous.py` in its own process, with one torch thread, `--save-model`
 and a checkpoint every `--checkpoint-interval` iterations; its run directory goes to `<out-dir>/runs/`
 and its output to `<out-dir>/logs/<job>.log`. Arguments after `--` go to every script. `--grid`
-sweeps script flags too: one job per combination of their values, named by its exp_name, the script's
+sweeps script flags too (`ALGO:FLAG=...` for one algorithm's jobs only): one job per combination of
+their values, named by its exp_name, the script's
 name followed by `_<flag><value>` per flag (`trefree_continuous_delta0.1`), then `_<tag>` with `--tag`.
 
 The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`, or a run already in a CSV
@@ -45,7 +46,7 @@ class Args:
     seeds: tuple[int, ...] = (1, 2, 3)
     """the seeds"""
     grid: tuple[str, ...] = ()
-    """script flags to sweep, as FLAG=V1,V2,... (e.g. `delta=0.03,0.1`): one job per combination of values"""
+    """script flags to sweep, as [ALGO:]FLAG=V1,V2,... (`delta=0.03,0.1`, `ppo:clip-coef=0.3`): one job per combination"""
     total_timesteps: int | None = None
     """environment steps per run (default: each script's own, 1M)"""
     launcher: Literal["local", "slurm"] = "local"
@@ -94,14 +95,18 @@ class Job:
         return f"{self.env_id.replace('/', '-')}__{self.exp_name}__{self.seed}"
 
 
-def parse_grid(grid: tuple[str, ...]) -> list[tuple[tuple[str, str], ...]]:
-    """`("delta=0.03,0.1", "gamma=0.99")` -> every combination of (flag, value) pairs."""
+def parse_grid(grid: tuple[str, ...], algo: str) -> list[tuple[tuple[str, str], ...]]:
+    """`("delta=0.03,0.1", "gamma=0.99")` -> every combination of (flag, value) pairs; an item `ALGO:FLAG=...`
+    (`trefree:delta=0.1`) applies to that algorithm's jobs only."""
     axes = []
     for item in grid:
-        flag, _, values = item.partition("=")
+        only, colon, rest = item.partition(":")
+        if colon and only != algo:
+            continue
+        flag, _, values = (rest if colon else item).partition("=")
         flag = flag.removeprefix("--")
         if not flag or not values or any(not v for v in values.split(",")):
-            raise SystemExit(f"error: --grid takes FLAG=V1,V2,... (e.g. delta=0.03,0.1), not '{item}'")
+            raise SystemExit(f"error: --grid takes [ALGO:]FLAG=V1,V2,... (e.g. delta=0.03,0.1), not '{item}'")
         if flag in ("env-id", "seed", "exp-name", "resume"):
             raise SystemExit(f"error: --grid cannot sweep --{flag}; it is set by the runner")
         axes.append([(flag, value) for value in values.split(",")])
@@ -111,7 +116,10 @@ def parse_grid(grid: tuple[str, ...]) -> list[tuple[tuple[str, str], ...]]:
 def make_jobs(args: Args) -> list[Job]:
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9.=-]+", args.tag):
         raise SystemExit(f"error: --tag takes letters, digits, '.', '=' and '-', not '{args.tag}'")
-    return [Job(algo, env_id, seed, flags, args.tag) for env_id in args.env_ids for algo in args.algos for flags in parse_grid(args.grid)
+    unknown = {item.partition(":")[0] for item in args.grid if ":" in item} - {"trefree", "ppo", "trpo"}
+    if unknown:
+        raise SystemExit(f"error: --grid names an unknown algorithm: {', '.join(sorted(unknown))} (trefree, ppo or trpo)")
+    return [Job(algo, env_id, seed, flags, args.tag) for env_id in args.env_ids for algo in args.algos for flags in parse_grid(args.grid, algo)
             for seed in args.seeds]  # fmt: skip
 
 

@@ -55,6 +55,8 @@ class Args:
     """normalize final returns by this exp_name's mean final return per environment; print the mean and the IQM (rliable)"""
     sensitivity: tuple[str, ...] = ()
     """flags of a `utils.benchmark --grid` sweep: draw `<out>_sensitivity.png`, final return against each flag's value"""
+    choose: tuple[str, ...] = ()
+    """flags of a `utils.benchmark --grid` sweep: print the value with the highest mean normalized score (needs --reference)"""
 
 
 @dataclass
@@ -216,6 +218,18 @@ def aggregate_table(runs: list[Run], reference: str, reps: int = 50_000, seed: i
     return "\n".join(rows)
 
 
+def choose(runs: list[Run], reference: str, flag: str) -> tuple[str, dict[str, float]]:
+    """The exp_name of a `--grid` sweep over `flag` with the highest mean normalized score over the reference's
+    environments, and every candidate's mean score (only candidates with runs on all of those environments)."""
+    scores = normalized_scores(runs, reference)
+    env_ids = set(scores[reference])
+    means = {exp_name: float(np.mean([by_env[e].mean() for e in env_ids])) for exp_name, by_env in scores.items()
+             if grid_value(exp_name, flag) and set(by_env) >= env_ids}  # fmt: skip
+    if not means:
+        raise SystemExit(f"error: no runs of a --grid sweep over {flag} on every environment of {reference}")
+    return max(means, key=means.get), means
+
+
 def grid_value(exp_name: str, flag: str) -> tuple[str, float] | None:
     """`("trefree_continuous_delta0.1", "delta")` -> `("trefree_continuous", 0.1)`: the script and the value of a
     `utils.benchmark --grid` run, or None if the run did not sweep `flag`."""
@@ -321,6 +335,12 @@ def main(args: Args) -> None:
         if args.reference not in {run.exp_name for run in runs}:
             raise SystemExit(f"error: no runs of --reference {args.reference} under '{args.folder}'")
         print("\n" + aggregate_table(runs, args.reference))
+        for flag in args.choose:
+            best, means = choose(runs, args.reference, flag)
+            others = ", ".join(f"{grid_value(name, flag)[1]:g}: {score:.3f}" for name, score in sorted(means.items(), key=lambda m: grid_value(m[0], flag)[1]))
+            print(f"\nchosen {flag}={grid_value(best, flag)[1]:g} ({best}), the highest mean normalized score ({others})")
+    elif args.choose:
+        raise SystemExit("error: --choose needs --reference")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Callable, Literal
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
 import tyro
+from gymnasium.envs.mujoco import MujocoEnv
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
@@ -104,6 +106,16 @@ class Args:
     """KL-constrained step with line search (TRPO), or a fixed-size natural gradient step (Section 8.1 ablation)"""
     npg_step_size: float = 0.1
     """the fixed step size lambda of `--step-rule penalty`: theta += lambda A^-1 g"""
+    kl_constraint: Literal["mean", "max"] = "mean"
+    """the line search bounds the mean KL over the batch's states (TRPO) or its maximum (Section 8.1's max KL)"""
+    sampling: Literal["single-path", "vine"] = "single-path"
+    """how the surrogate is estimated (Section 5): single path, or vine (branch rollouts; MuJoCo environments)"""
+    vine_states: int = 32
+    """vine: N, the size of the rollout set, states drawn at random from each iteration's trunk (--num-steps)"""
+    vine_actions: int = 4
+    """vine: K, the actions a ~ pi_old tried at each rollout-set state, each followed by a branch rollout"""
+    vine_horizon: int = 100
+    """vine: H, the length of a branch rollout; a branch still running after H steps is bootstrapped with V"""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,10 +191,11 @@ class Normalizer:
         normalized = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
         return np.minimum(np.maximum(normalized, -self.clip), self.clip).astype(np.float32)  # clip, but faster
 
-    def reward(self, reward: np.ndarray, done: np.ndarray) -> np.ndarray:
-        self.discounted_return = self.discounted_return * self.gamma + reward
-        self.ret_rms.update(self.discounted_return)
-        self.discounted_return[done] = 0.0
+    def reward(self, reward: np.ndarray, done: np.ndarray | None, update: bool = True) -> np.ndarray:
+        if update:
+            self.discounted_return = self.discounted_return * self.gamma + reward
+            self.ret_rms.update(self.discounted_return)
+            self.discounted_return[done] = 0.0
         scaled = reward / np.sqrt(self.ret_rms.var + self.epsilon)
         return np.minimum(np.maximum(scaled, -self.clip), self.clip).astype(np.float32)
 
@@ -264,9 +277,9 @@ def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
 # Rollout
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray,
-            num_steps: int) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:  # fmt: skip
-    """Run the policy for `num_steps` steps in every environment.
+def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray, num_steps: int,
+            before_step: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:  # fmt: skip
+    """Run the policy for `num_steps` steps in every environment (calling `before_step(t)` before step t, if given).
 
     Returns the transitions as (num_steps, num_envs, ...) arrays, the normalized observation to
     continue from, and the finished episodes as (step index, raw return, length). `next_obs[t]` is the
@@ -289,6 +302,8 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
     sigma = agent.actor_logstd.detach().cpu().exp()
     noise = (sigma * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
     for t in range(num_steps):
+        if before_step is not None:
+            before_step(t)
         action = actor_mean(obs) + noise[t]  # a = mu(s) + sigma * eps ~ N(mu(s), sigma^2)
         # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
         raw_obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
@@ -308,6 +323,90 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
     if not finite.all():
         raise NumericalFault(f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}")
     return batch, obs, episodes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vine (Section 5.2): branch rollouts from a rollout set, with common random numbers
+# ---------------------------------------------------------------------------------------------------
+def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit | None:
+    """The TimeLimit wrapper of `env`, if it has one."""
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            return env
+        env = env.env
+    return None
+
+
+def save_state(env: gym.Env) -> tuple[mujoco.MjData, int | None]:
+    """What a bit-exact replay of a MuJoCo environment needs: a copy of its whole MjData (positions, velocities,
+    actuator activations, time, the solver's warm start, and the quantities derived from them, such as the body
+    positions that the next reward reads) and the TimeLimit wrapper's step counter."""
+    limit = time_limit(env)
+    return copy.copy(env.unwrapped.data), limit._elapsed_steps if limit is not None else None  # MjData's copy is mj_copyData
+
+
+def restore_state(env: gym.Env, state: tuple[mujoco.MjData, int | None]) -> None:
+    """Put `env` (made with the same model) in a state of `save_state`."""
+    env.unwrapped.data = copy.copy(state[0])  # a copy: the K branches of a state each change their own
+    limit = time_limit(env)
+    if limit is not None:
+        limit._elapsed_steps = state[1]
+
+
+@torch.no_grad()
+def vine_rollouts(branch_envs: list[gym.Env], states: list, state_obs: np.ndarray, agent: Agent, normalizer: Normalizer,
+                  gamma: float, horizon: int) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+    """K branch rollouts from each of the N rollout-set states (`states`, their normalized observations
+    `state_obs`), the N K branches stepped in lockstep, K = len(branch_envs) / N.
+
+    Branch k of state n starts with its own action a_nk ~ pi_old(.|s_n), the paper's q = pi_old for continuous
+    control; then it follows pi_old with the noise sequence of its state: the K branches of a state share it
+    (common random numbers, Appendix H), so that their Q-value differences have low variance. A branch ends at
+    a termination (no future value), at the time limit, or after `horizon` steps; the last two are
+    bootstrapped with V of the last observation (see `make_vine_batch`). Observations and rewards are
+    normalized with the trunk's statistics, frozen. Returns, with (N, K) leading dimensions, the actions a_nk,
+    each branch's discounted sum of normalized rewards, its last observation and the discount of its
+    bootstrap (gamma^steps, or 0 after a termination); and the number of simulator steps taken.
+    """
+    num_states, obs_dim = state_obs.shape
+    num_actions = len(branch_envs) // num_states
+    act_dim = branch_envs[0].action_space.shape[0]
+    low, high = branch_envs[0].action_space.low, branch_envs[0].action_space.high
+    for j, env in enumerate(branch_envs):
+        restore_state(env, states[j // num_actions])
+    # The numpy side: CPU copies of the policy, and the noise from the CPU generator.
+    actor_mean = numpy_actor(agent)
+    sigma = agent.actor_logstd.detach().cpu().exp()
+    first = (sigma * torch.randn((num_states, num_actions, act_dim))).numpy()  # a_nk - mu(s_n), independent over k
+    shared = (sigma * torch.randn((num_states, max(horizon - 1, 0), act_dim))).numpy()  # one sequence per state
+    actions = actor_mean(state_obs)[:, None, :] + first  # a_nk ~ N(mu(s_n), sigma^2)
+    noise = np.repeat(shared, num_actions, axis=0)  # branch j = n K + k follows the noise of state n
+
+    branches = num_states * num_actions
+    action = actions.reshape(branches, act_dim).copy()
+    returns, discount = np.zeros(branches), np.ones(branches)
+    last_obs, running, steps = np.zeros((branches, obs_dim), np.float32), np.ones(branches, bool), 0
+    for t in range(horizon):
+        live = np.flatnonzero(running)
+        if not len(live):
+            break
+        results = [branch_envs[j].step(np.clip(action[j], low, high)) for j in live]
+        steps += len(live)
+        reward = np.array([r[1] for r in results])
+        terminated, truncated = np.array([r[2] for r in results]), np.array([r[3] for r in results])
+        returns[live] += discount[live] * normalizer.reward(reward, None, update=False)  # sum_t gamma^t r_t
+        discount[live] *= gamma
+        last_obs[live] = normalizer.obs(np.stack([r[0] for r in results]), update=False)
+        discount[live[terminated]] = 0.0  # a termination has no future value
+        running[live[terminated | truncated]] = False
+        live = np.flatnonzero(running)
+        if t + 1 < horizon and len(live):
+            action[live] = actor_mean(last_obs[live]) + noise[live, t]  # a = mu(s) + the state's shared sigma * eps
+    if not (np.isfinite(returns).all() and np.isfinite(last_obs).all()):
+        raise NumericalFault("the environment returned a non-finite observation or reward in a branch rollout")
+    shape = (num_states, num_actions)
+    return {"obs": state_obs, "actions": actions.astype(np.float32), "returns": returns.reshape(shape).astype(np.float32),
+            "bootstrap_obs": last_obs.reshape(*shape, obs_dim), "bootstrap_discount": discount.reshape(shape).astype(np.float32)}, steps  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,6 +443,17 @@ def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float,
         "values": values, "advantages": advantages, "returns": returns,
     }  # fmt: skip
     return {k: v.flatten(0, 1) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def make_vine_batch(agent: Agent, vine: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """The vine's samples on `device`: the rollout set's states (N, obs), actions (N, K, act), their
+    log-probabilities under pi_old and Q(s_n, a_nk) = the branch's discounted return + gamma^steps V(s_last),
+    the bootstrap being 0 after a termination."""
+    b = {k: torch.from_numpy(v).to(device) for k, v in vine.items()}
+    q_values = b["returns"] + b["bootstrap_discount"] * agent.value(b["bootstrap_obs"])
+    obs_k = b["obs"][:, None, :].expand(-1, b["actions"].shape[1], -1)
+    return {"obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(obs_k, b["actions"]), "q_values": q_values}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,8 +519,8 @@ def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Ten
 def line_search(params: list[nn.Parameter], full_step: torch.Tensor, surrogate: Callable[[], torch.Tensor],
                 kl: Callable[[], torch.Tensor], max_kl: float, steps: int) -> tuple[int, float, float]:  # fmt: skip
     """Backtracking line search (Appendix C): try theta_old + 0.5^k full_step for k = 0, 1, ... and keep the
-    first step that improves the surrogate with a measured mean KL <= max_kl (the bound itself, no
-    tolerance). If none does, theta_old is restored. Returns (k or -1, its KL, its surrogate improvement)."""
+    first step that improves the surrogate with a measured KL (`kl`: the mean, or the max over states) <= max_kl
+    (the bound itself, no tolerance). If none does, theta_old is restored. Returns (k or -1, its KL, its surrogate improvement)."""
     theta_old = parameters_to_vector(params).clone()
     surrogate_old = surrogate().item()
     for k in range(steps):
@@ -435,34 +545,63 @@ def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch
     return {"ratio/max": ratio.max(), "ratio/min": ratio.min(), "losses/approx_kl": ((ratio - 1) - logratio).mean()}
 
 
-def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args) -> dict[str, float]:
+def vine_surrogate(logratio: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
+    """Eq. (17) averaged over the rollout set: (1/N) sum_n [sum_k w_nk Q_nk / sum_k w_nk], w_nk = pi_theta(a_nk|s_n) /
+    pi_old(a_nk|s_n), from (N, K) log-ratios and Q-values. The self-normalized weights w_nk / sum_k w_nk are a
+    softmax over k of the log-ratios: adding a constant to the Q-values of a state leaves the gradient unchanged."""
+    return (torch.softmax(logratio, dim=1) * q_values).sum(1).mean()
+
+
+def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args,
+           vine: dict[str, torch.Tensor] | None = None) -> dict[str, float]:  # fmt: skip
     """One natural-gradient step on the policy under the KL constraint, then `vf_iters` epochs of minibatch
-    Adam on the value function; returns the iteration's statistics."""
-    obs, actions = batch["obs"], batch["actions"]
-    advantages = batch["advantages"]
-    if args.norm_adv:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    Adam on the value function (on the trunk's batch); returns the iteration's statistics. The policy step
+    uses the batch's states and advantages (single path) or, given `vine`, the rollout set's states and
+    Q-values (vine): the surrogate, the KL constraint and the Fisher matrix are then all over the rollout set."""
     params = agent.policy_parameters()
+    if vine is None:  # single path
+        obs, actions, logprobs = batch["obs"], batch["actions"], batch["logprobs"]
+        advantages = batch["advantages"]
+        if args.norm_adv:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+        def surrogate() -> torch.Tensor:  # E[pi_theta(a|s) / pi_old(a|s) A], eq. (15) with q = pi_old (Section 5.1)
+            ratio = (agent.log_prob(obs, actions) - logprobs).exp()
+            return (ratio * advantages).mean() + args.ent_coef * agent.entropy()
+
+        samples = {"obs": obs, "actions": actions, "logprobs": logprobs}
+    else:  # vine
+        obs = vine["obs"]
+        obs_k = obs[:, None, :].expand(-1, vine["actions"].shape[1], -1)
+
+        def surrogate() -> torch.Tensor:  # eq. (17) at each rollout-set state, averaged over the rollout set
+            logratio = agent.log_prob(obs_k, vine["actions"]) - vine["logprobs"]
+            return vine_surrogate(logratio, vine["q_values"]) + args.ent_coef * agent.entropy()
+
+        samples = {"obs": obs_k.flatten(0, 1), "actions": vine["actions"].flatten(0, 1), "logprobs": vine["logprobs"].flatten()}
     with torch.no_grad():
         mean_old, log_std_old = agent.actor_mean(obs), agent.actor_logstd.clone()
 
-    def surrogate() -> torch.Tensor:  # E[pi_theta(a|s) / pi_old(a|s) A], eq. (15) with q = pi_old (Section 5.1)
-        ratio = (agent.log_prob(obs, actions) - batch["logprobs"]).exp()
-        return (ratio * advantages).mean() + args.ent_coef * agent.entropy()
+    def kl() -> torch.Tensor:  # KL(pi_old(.|s) || pi_theta(.|s)) at each state s of the constraint
+        return gaussian_kl(mean_old, log_std_old, agent.actor_mean(obs), agent.actor_logstd)
 
     def mean_kl() -> torch.Tensor:  # the constraint of eq. (15): E_s[KL(pi_old(.|s) || pi_theta(.|s))]
-        return gaussian_kl(mean_old, log_std_old, agent.actor_mean(obs), agent.actor_logstd).mean()
+        return kl().mean()
+
+    def max_kl() -> torch.Tensor:  # the constraint of eq. (12): max_s KL, over the states of the batch
+        return kl().max()
 
     g = torch.cat([p.flatten() for p in torch.autograd.grad(surrogate(), params)])
     if args.fisher == "analytic":
         fvp = analytic_fvp(mean_kl(), params, args.cg_damping)
     else:
-        fvp = empirical_fvp(score_matrix(agent, obs, actions), args.cg_damping)
+        fvp = empirical_fvp(score_matrix(agent, samples["obs"], samples["actions"]), args.cg_damping)
     step_dir, cg_residual = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ A^-1 g
     if args.step_rule == "constraint":
         beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = delta
         full_step = beta * step_dir
-        steps, step_kl, improvement = line_search(params, full_step, surrogate, mean_kl, args.max_kl, args.line_search_steps)
+        constraint = mean_kl if args.kl_constraint == "mean" else max_kl  # max: the same direction, a stricter test
+        steps, step_kl, improvement = line_search(params, full_step, surrogate, constraint, args.max_kl, args.line_search_steps)
         step_norm = 0.5 ** steps * full_step.norm().item() if steps >= 0 else 0.0
     else:  # natural policy gradient with a fixed step size: no line search, no KL constraint
         with torch.no_grad():
@@ -471,24 +610,25 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torc
             steps, step_kl, improvement = 0, mean_kl().item(), surrogate().item() - surrogate_old
         step_norm = args.npg_step_size * step_dir.norm().item()
 
-    batch_size = obs.shape[0]
+    trunk_obs = batch["obs"]
+    batch_size = trunk_obs.shape[0]
     v_losses = []
     for _ in range(args.vf_iters):
-        for mb in torch.randperm(batch_size, device=obs.device).split(batch_size // args.num_minibatches):
-            v_loss = value_loss(agent.value(obs[mb]), batch["returns"][mb])
+        for mb in torch.randperm(batch_size, device=trunk_obs.device).split(batch_size // args.num_minibatches):
+            v_loss = value_loss(agent.value(trunk_obs[mb]), batch["returns"][mb])
             optimizer.zero_grad()
             v_loss.backward()
             optimizer.step()
             v_losses.append(v_loss.detach())
 
     with torch.no_grad():
-        policy_loss = -surrogate().item()
+        policy_loss, largest_kl = -surrogate().item(), max_kl().item()
     stats = {
         "losses/policy_loss": policy_loss, "losses/value_loss": torch.stack(v_losses).mean().item(),
-        "losses/entropy": agent.entropy().item(), "losses/grad_norm": g.norm().item(), "trpo/kl": step_kl, "trpo/surrogate_improvement": improvement,
-        "trpo/line_search_steps": steps, "trpo/cg_residual": cg_residual, "trpo/step_norm": step_norm,
+        "losses/entropy": agent.entropy().item(), "losses/grad_norm": g.norm().item(), "trpo/kl": step_kl, "trpo/max_kl": largest_kl,
+        "trpo/surrogate_improvement": improvement, "trpo/line_search_steps": steps, "trpo/cg_residual": cg_residual, "trpo/step_norm": step_norm,
     }  # fmt: skip
-    return stats | {k: v.item() for k, v in ratio_stats(agent, batch).items()}
+    return stats | {k: v.item() for k, v in ratio_stats(agent, samples).items()}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
@@ -512,15 +652,18 @@ def train(args: Args) -> dict[str, float]:
         if ignored:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
         total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
-        batch_size = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
-        if total_timesteps // batch_size < checkpoint["iteration"]:
+        if total_timesteps < checkpoint["global_step"]:
             raise ArgsError(f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps")
         args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda}))
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
-    obs_dim, act_dim = check_env(args.env_id, env_kwargs)
+    obs_dim, act_dim = check_env(args.env_id, env_kwargs, restorable=args.sampling == "vine")
     batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
+    vine = args.sampling == "vine"
+    # An iteration runs the trunk (single path: the whole batch) and, with vine, up to N K H branch steps; every
+    # simulator step counts. Iterations go on while one more surely fits in --total-timesteps.
+    iteration_steps = batch_size + (args.vine_states * args.vine_actions * args.vine_horizon if vine else 0)
+    budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
 
     if checkpoint is None:
         env_name = args.env_id.replace("/", "-")  # a namespaced id ("ns/Env-v0") must not nest the folder
@@ -545,6 +688,9 @@ def train(args: Args) -> dict[str, float]:
 
     envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
                      env_kwargs)  # fmt: skip
+    branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions)] if vine else []
+    for env in branch_envs:
+        env.reset(seed=args.seed)  # their state is always restored from the trunk's before they step
     agent = Agent(obs_dim, act_dim).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
@@ -562,26 +708,44 @@ def train(args: Args) -> dict[str, float]:
     obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
     recent_returns, mean_return, stopped_by = deque(maxlen=10), float("nan"), 0
     global_step, start_time = start_step, time.perf_counter()
-    progress = tqdm(initial=start_step, total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(initial=start_step, total=budget, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    iteration = start_iteration - 1
     with stop_requests() as stop_requested:
-        for iteration in range(start_iteration, num_iterations + 1):
+        while global_step + iteration_steps <= args.total_timesteps:
+            iteration += 1
             last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1) if checkpointing else None
             try:
-                lr = args.vf_learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.vf_learning_rate
+                lr = args.vf_learning_rate * (1.0 - global_step / budget) if args.anneal_lr else args.vf_learning_rate
                 optimizer.param_groups[0]["lr"] = lr
 
-                rollout_start = time.perf_counter()
-                rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps)
+                rollout_start, iteration_start_step = time.perf_counter(), global_step
+                snapshots, rollout_set = {}, []
+                if vine:  # the rollout set: N (step, environment) pairs of the trunk, whose states are saved as it passes
+                    rollout_set = [divmod(int(i), args.num_envs) for i in torch.randperm(batch_size)[: args.vine_states]]
+                    sub_envs = envs.unwrapped.envs
+
+                    def snapshot(t: int) -> None:
+                        snapshots.update({(t, i): save_state(sub_envs[i]) for step, i in rollout_set if step == t})
+
+                rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps, snapshot if vine else None)
                 for t, episodic_return, episodic_length in episodes:
                     step = global_step + (t + 1) * args.num_envs
                     writer.add_scalar("charts/episodic_return", episodic_return, step)
                     writer.add_scalar("charts/episodic_length", episodic_length, step)
                     recent_returns.append(episodic_return)
                 global_step += batch_size
+                if vine:
+                    state_obs = np.stack([rollout_batch["obs"][t, i] for t, i in rollout_set])
+                    branches, branch_steps = vine_rollouts(branch_envs, [snapshots[key] for key in rollout_set], state_obs, agent,
+                                                           normalizer, args.gamma, args.vine_horizon)  # fmt: skip
+                    global_step += branch_steps
 
                 update_start = time.perf_counter()
                 batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
-                stats = update(agent, optimizer, batch, args)
+                vine_batch = make_vine_batch(agent, branches, device) if vine else None
+                stats = update(agent, optimizer, batch, args, vine_batch)
+                if vine:
+                    stats |= {"trpo/branch_steps": branch_steps, "trpo/q_spread": vine_batch["q_values"].std(1).mean().item()}
                 update_end = time.perf_counter()
                 check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
                              | {f"the parameter {name}": p for name, p in agent.named_parameters()}, "after the update")  # fmt: skip
@@ -596,14 +760,15 @@ def train(args: Args) -> dict[str, float]:
                     writer.add_scalar(tag, value, global_step)
                 mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
                 progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
-                progress.update(batch_size)
+                progress.update(global_step - iteration_start_step)
 
             except NumericalFault as fault:
                 progress.close()
                 if checkpointing:
                     save_checkpoint(checkpoint_path, last_good)
                 writer.close()
-                envs.close()
+                for env in [envs, *branch_envs]:
+                    env.close()
                 kept = f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}" if checkpointing else ""
                 raise NumericalFault(f"{args.env_id}, iteration {iteration}: {fault}{kept}") from None
 
@@ -614,12 +779,13 @@ def train(args: Args) -> dict[str, float]:
                 break
 
     progress.close()
-    envs.close()
+    for env in [envs, *branch_envs]:
+        env.close()
     if stopped_by:
         print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
               + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
     elif checkpointing:
-        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, global_step // batch_size))
+        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration))
         if args.save_model:
             evaluate_checkpoint(checkpoint_path, writer)
     writer.close()
@@ -664,6 +830,14 @@ def check_args(args: Args) -> None:
          "--vf-iters, --cg-iters and --line-search-steps must be at least 1"),
         (not 0 < args.max_kl < inf or not 0 < args.npg_step_size < inf, "--max-kl and --npg-step-size must be positive and finite"),
         (not 0 <= args.cg_damping < inf, "--cg-damping must be 0 or positive, and finite"),
+        (args.sampling == "vine" and not 1 <= args.vine_states <= batch_size,
+         f"--vine-states must be between 1 and the trunk's {batch_size} steps (--num-envs x --num-steps)"),
+        (args.sampling == "vine" and (args.vine_actions < 2 or args.vine_horizon < 1),
+         "--vine-actions must be at least 2 (eq. (17) compares the actions of a state) and --vine-horizon at least 1"),
+        (args.sampling == "vine" and args.async_envs, "--sampling vine saves the trunk's states, which --async-envs keeps in subprocesses"),
+        (args.sampling == "vine" and args.total_timesteps < batch_size + args.vine_states * args.vine_actions * args.vine_horizon,
+         f"--total-timesteps {args.total_timesteps} is smaller than one vine iteration ({batch_size} trunk + "
+         f"{args.vine_states * args.vine_actions * args.vine_horizon} branch steps)"),
     ]  # fmt: skip
     for failed, message in checks:
         if failed:
@@ -684,8 +858,9 @@ def parse_env_kwargs(items: tuple[str, ...]) -> dict:
     return kwargs
 
 
-def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
-    """Return (observation size, action size) of a Box-in, Box-out environment, or raise ArgsError."""
+def check_env(env_id: str, env_kwargs: dict, restorable: bool = False) -> tuple[int, int]:
+    """Return (observation size, action size) of a Box-in, Box-out environment (whose state can be saved and
+    restored, if `restorable`), or raise ArgsError."""
     try:
         env = gym.make(env_id, **env_kwargs)
     except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
@@ -693,8 +868,10 @@ def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
         raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
     except Exception as e:  # a missing dependency, a bad entry point, ...
         raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    obs_space, act_space = env.observation_space, env.action_space
+    obs_space, act_space, base = env.observation_space, env.action_space, env.unwrapped
     env.close()
+    if restorable and not isinstance(base, MujocoEnv):
+        raise ArgsError(f"--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only; {env_id} is not one")
     if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
         raise ArgsError(f"{env_id} has action space {act_space}; this script needs a 1-D Box (continuous actions)")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:

@@ -88,3 +88,17 @@ def test_choose_takes_the_grid_value_with_the_highest_mean_normalized_score():
     runs += [_run("A-v5", "trefree_continuous_delta1", 1, 500.0)]
     best, means = plot.choose(runs, "ref", "delta")
     assert best == "trefree_continuous_delta0.1" and means == pytest.approx({best: 0.8, "trefree_continuous_delta0.3": 0.75})
+
+
+def test_curves_against_iterations_read_the_iteration_ends_and_survive_the_csv(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "runs" / "Hopper-v5__trpo_continuous_vine__1__1700000000"))
+    for step in (1000, 3000, 6000):  # three iterations of growing size, as vine's
+        writer.add_scalar("charts/SPS", 100.0, step)
+        writer.add_scalar("charts/episodic_return", step / 10, step)
+    writer.close()
+    run = plot.load_runs(str(tmp_path / "runs"))[0]
+    np.testing.assert_array_equal(run.iterations, [[1000, 1], [3000, 2], [6000, 3]])
+    plot.export_runs([run], str(tmp_path / "results" / "runs.csv"))
+    np.testing.assert_array_equal(plot.load_runs(str(tmp_path / "results"))[0].iterations, run.iterations)
+    curves, _ = plot.plot([run], str(tmp_path / "curves.png"), x="iterations")
+    assert open(curves, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

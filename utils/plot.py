@@ -1,6 +1,6 @@
 """Learning curves, ratio ranges and a table of final returns from training logs.
 
-    python -m utils.plot runs/ [--out curves.png] [--export results.csv] [--ratios]
+    python -m utils.plot runs/ [--out curves.png] [--export results.csv] [--ratios] [--x steps|iterations]
     python -m utils.plot utils/results/screening --reference ppo_continuous_clip-coef0.2 --sensitivity delta clip-coef
 
 Reads every TensorBoard run under the folder (run directories are named
@@ -33,7 +33,9 @@ import glob
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -55,6 +57,8 @@ class Args:
     """normalize final returns by this exp_name's mean final return per environment; print the mean and the IQM (rliable)"""
     sensitivity: tuple[str, ...] = ()
     """flags of a `utils.benchmark --grid` sweep: draw `<out>_sensitivity.png`, final return against each flag's value"""
+    x: Literal["steps", "iterations"] = "steps"
+    """the learning curves' x axis: environment (simulator) steps, or iterations"""
     choose: tuple[str, ...] = ()
     """flags of a `utils.benchmark --grid` sweep: print the value with the highest mean normalized score (needs --reference)"""
 
@@ -70,6 +74,7 @@ class Run:
     sps: float  # the run's last charts/SPS
     length: float = float("nan")  # the mean length of the last 10 % of episodes
     eval: float = float("nan")  # the mean of eval/episodic_return: the final policy's mean action (`--save-model`)
+    iterations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (points, 2): step at the end of an iteration, its number
 
 
 def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
@@ -87,8 +92,10 @@ def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
     lengths = [value for _, value in scalars.get("charts/episodic_length", [])]
     length = float(np.mean(lengths[-last:])) if lengths else float("nan")
     evals = [value for _, value in scalars.get("eval/episodic_return", [])]
+    ends = [step for step, _ in scalars.get("charts/SPS", [])]  # logged once per iteration
+    iterations = np.stack([ends, np.arange(1, len(ends) + 1)], 1) if ends else np.zeros((0, 2))
     return Run(parts[0], parts[1], int(parts[2]), np.stack([steps, running], 1), np.array(ratios).reshape(-1, 3), final, sps,
-               length, float(np.mean(evals)) if evals else float("nan"))  # fmt: skip
+               length, float(np.mean(evals)) if evals else float("nan"), iterations)  # fmt: skip
 
 
 def load_runs(folder: str) -> list[Run]:
@@ -106,7 +113,8 @@ def downsample(points: np.ndarray, most: int = 200) -> np.ndarray:
 
 def export_runs(runs: list[Run], path: str) -> None:
     """A compact CSV of the runs, one row per point: kind `curve` (step, running mean), `ratio` (step,
-    max, min), `final` (final return), `sps`, `length` (final episode length) and `eval` (evaluation return)."""
+    max, min), `iteration` (step, iteration number), `final` (final return), `sps`, `length` (final episode length)
+    and `eval` (evaluation return)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -115,6 +123,7 @@ def export_runs(runs: list[Run], path: str) -> None:
             key = [run.env_id, run.exp_name, run.seed]
             out.writerows(key + ["curve", int(s), f"{v:.6g}", ""] for s, v in downsample(run.curve))
             out.writerows(key + ["ratio", int(s), f"{hi:.6g}", f"{lo:.6g}"] for s, hi, lo in downsample(run.ratios))
+            out.writerows(key + ["iteration", int(s), int(i), ""] for s, i in downsample(run.iterations))
             out.writerows([key + ["final", "", f"{run.final:.6g}", ""], key + ["sps", "", f"{run.sps:.6g}", ""]])
             out.writerows(key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval))
                           if not np.isnan(value))  # fmt: skip
@@ -129,8 +138,9 @@ def read_runs_csv(path: str) -> list[Run]:
     for (env_id, exp_name, seed), kinds in rows.items():
         curve = np.array([(float(r["step"]), float(r["value"])) for r in kinds["curve"]]).reshape(-1, 2)
         ratios = np.array([(float(r["step"]), float(r["value"]), float(r["value2"])) for r in kinds["ratio"]]).reshape(-1, 3)
+        iterations = np.array([(float(r["step"]), float(r["value"])) for r in kinds["iteration"]]).reshape(-1, 2)
         scalar = {kind: float(kinds[kind][0]["value"]) if kinds[kind] else float("nan") for kind in ("final", "sps", "length", "eval")}
-        runs.append(Run(env_id, exp_name, seed, curve, ratios, **scalar))
+        runs.append(Run(env_id, exp_name, seed, curve, ratios, **scalar, iterations=iterations))
     return runs
 
 
@@ -274,8 +284,9 @@ def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
     return path
 
 
-def plot(runs: list[Run], out: str) -> tuple[str, str]:
-    """Write the learning-curve and ratio-range figures; returns their paths."""
+def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
+    """Write the learning-curve and ratio-range figures; returns their paths. `x="iterations"`: the learning
+    curves against iterations (each run's steps mapped to its iterations) instead of environment steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,8 +305,12 @@ def plot(runs: list[Run], out: str) -> tuple[str, str]:
         extra.set_visible(False)
     for ax, ratio_ax, (env_id, algos) in zip(curve_axes.flat, ratio_axes.flat, sorted(groups.items())):
         for exp_name, seeds in sorted(algos.items()):
-            grid = np.linspace(0, min(run.curve[-1, 0] for run in seeds), 200)
-            curves = np.stack([np.interp(grid, run.curve[:, 0], run.curve[:, 1]) for run in seeds])
+            if x == "iterations" and any(not len(run.iterations) for run in seeds):
+                raise SystemExit(f"error: {env_id} {exp_name} has no iteration steps (charts/SPS) to plot against iterations")
+            xs = [np.interp(run.curve[:, 0], run.iterations[:, 0], run.iterations[:, 1]) if x == "iterations" else run.curve[:, 0]
+                  for run in seeds]  # fmt: skip
+            grid = np.linspace(0, min(values[-1] for values in xs), 200)
+            curves = np.stack([np.interp(grid, values, run.curve[:, 1]) for values, run in zip(xs, seeds)])
             mean, stderr = curves.mean(0), curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
             ax.plot(grid, mean, color=colors[exp_name], label=f"{exp_name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
             ax.fill_between(grid, mean - stderr, mean + stderr, color=colors[exp_name], alpha=0.2)
@@ -305,10 +320,11 @@ def plot(runs: list[Run], out: str) -> tuple[str, str]:
                 log_hi = np.mean([np.interp(steps, run.ratios[:, 0], np.log(run.ratios[:, 1])) for run in with_ratios], 0)
                 log_lo = np.mean([np.interp(steps, run.ratios[:, 0], np.log(np.maximum(run.ratios[:, 2], 1e-30))) for run in with_ratios], 0)
                 ratio_ax.fill_between(steps, np.exp(log_lo), np.exp(log_hi), color=colors[exp_name], alpha=0.3, label=exp_name)
-        ax.set(title=env_id, xlabel="environment steps", ylabel="episodic return")
+        ax.set(title=env_id, xlabel="iterations" if x == "iterations" else "environment steps", ylabel="episodic return")
         ax.legend(fontsize="small")
         ratio_ax.set(title=env_id, xlabel="environment steps", ylabel="ratio range (min to max)", yscale="log")
-        ratio_ax.legend(fontsize="small")
+        if ratio_ax.get_legend_handles_labels()[0]:
+            ratio_ax.legend(fontsize="small")
     curves_fig.tight_layout()
     curves_fig.savefig(out, dpi=120)
     ratios_fig.tight_layout()
@@ -321,7 +337,7 @@ def main(args: Args) -> None:
     runs = load_runs(args.folder)
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under '{args.folder}'")
-    for path in plot(runs, args.out):
+    for path in plot(runs, args.out, args.x):
         print(f"wrote {path}")
     if args.sensitivity:
         print(f"wrote {plot_sensitivity(runs, args.sensitivity, args.out)}")

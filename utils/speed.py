@@ -1,6 +1,7 @@
 """Training speed next to environment-only speed, measured in the same sitting.
 
     python -m utils.speed --env-id HalfCheetah-v5 --steps 40960
+    python -m utils.speed --env-id Hopper-v5 --scripts trpo_continuous "trpo_continuous --sampling vine"
 
 Environment-only: one `gym.make` environment stepped with `action_space.sample()`, reset at episode
 ends, measured just before and just after each training run (the mean is the reference). Training: each script run as its own process with its default hyper-parameters and one torch
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ class Args:
     steps: int = 40960
     """environment steps per measurement (a whole number of the scripts' batches)"""
     scripts: tuple[str, ...] = tuple(s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, f"{s}.py")))
-    """the training scripts to measure"""
+    """the training scripts to measure, each optionally with flags (`"trpo_continuous --sampling vine"`)"""
 
 
 def env_only_sps(env_id: str, steps: int, seed: int = 0) -> float:
@@ -53,9 +55,11 @@ def env_only_sps(env_id: str, steps: int, seed: int = 0) -> float:
 
 
 def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
-    """Run `script` for `steps` steps in a temporary folder; its SPS and seconds per rollout and update."""
+    """Run `script` (a script's name, then any flags) for `steps` steps in a temporary folder; its SPS and
+    seconds per rollout and update."""
+    name, *flags = shlex.split(script)
     with tempfile.TemporaryDirectory() as folder:
-        cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", env_id, "--total-timesteps", str(steps)]
+        cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--env-id", env_id, "--total-timesteps", str(steps), *flags]
         env = os.environ | {"OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, cwd=folder, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         scalars = read_scalars(glob.glob(os.path.join(folder, "runs", "*"))[0])

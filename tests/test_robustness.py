@@ -108,8 +108,8 @@ def test_nan_from_the_environment_stops_training_and_keeps_the_last_good_checkpo
 def test_nan_in_training_names_the_quantity_and_keeps_the_last_good_checkpoint(algo, monkeypatch):
     original, calls = algo.update, []
 
-    def poisoned_update(agent, optimizer, batch, args):
-        stats = original(agent, optimizer, batch, args)
+    def poisoned_update(agent, *rest):  # rest: the optimizer, the batch, args (and TRPO's vine batch)
+        stats = original(agent, *rest)
         calls.append(1)
         if len(calls) == 3:  # the 3rd update leaves a NaN parameter behind
             with torch.no_grad():

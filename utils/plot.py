@@ -2,10 +2,11 @@
 
     python -m utils.plot runs/ [--out curves.png] [--export results.csv] [--ratios] [--x steps|iterations]
     python -m utils.plot utils/results/screening --reference ppo_continuous_clip-coef0.2 --sensitivity delta clip-coef
+    python -m utils.plot utils/results/figure1 utils/results/final --exp-names trpo_continuous "ppo_*"
 
-Reads every TensorBoard run under the folder (run directories are named
-`{env_id}__{exp_name}__{seed}__{time}`), and every CSV file of runs that `--export` wrote, and writes
-two figures:
+Reads every TensorBoard run under the folders (run directories are named
+`{env_id}__{exp_name}__{seed}__{time}`), and every CSV file of runs that `--export` wrote, keeps those
+whose exp_name matches `--exp-names` (shell patterns; all by default), and writes two figures:
 - `--out`: per environment, the learning curve of each algorithm (`exp_name`): the mean over seeds of
   each run's running mean of its last 10 episodic returns, with a band of ± one standard error over
   seeds; x = environment steps.
@@ -29,6 +30,7 @@ flag's value on a log axis, each seed a dot and the mean a line.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import os
 import re
@@ -45,8 +47,10 @@ from utils.logs import read_scalars
 
 @dataclass
 class Args:
-    folder: tyro.conf.Positional[str]
-    """the folder holding the runs (searched recursively)"""
+    folders: tyro.conf.Positional[tuple[str, ...]]
+    """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files"""
+    exp_names: tuple[str, ...] = ()
+    """keep only the runs whose exp_name matches one of these shell patterns (`trpo_continuous`, `ppo_*`)"""
     out: str = "curves.png"
     """the learning-curve figure; the ratio figure goes next to it as `<name>_ratios.png`"""
     export: str | None = None
@@ -333,10 +337,25 @@ def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
     return out, ratio_out
 
 
+def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = ()) -> list[Run]:
+    """The runs under the folders whose exp_name matches one of the patterns (all runs without patterns); a run
+    (environment, exp_name, seed) found twice is an error, not a silent double count."""
+    runs = [run for folder in folders for run in load_runs(folder)
+            if not exp_names or any(fnmatch.fnmatchcase(run.exp_name, pattern) for pattern in exp_names)]  # fmt: skip
+    seen = set()
+    for run in runs:
+        key = (run.env_id, run.exp_name, run.seed)
+        if key in seen:
+            raise SystemExit(f"error: the run {'__'.join(map(str, key))} is found twice under {', '.join(folders)}")
+        seen.add(key)
+    return runs
+
+
 def main(args: Args) -> None:
-    runs = load_runs(args.folder)
+    runs = select_runs(args.folders, args.exp_names)
+    where = ", ".join(args.folders) + (f" matching {' '.join(args.exp_names)}" if args.exp_names else "")
     if not runs:
-        raise SystemExit(f"error: no runs with episodic returns under '{args.folder}'")
+        raise SystemExit(f"error: no runs with episodic returns under {where}")
     for path in plot(runs, args.out, args.x):
         print(f"wrote {path}")
     if args.sensitivity:
@@ -349,7 +368,7 @@ def main(args: Args) -> None:
         print("\n" + ratio_table(runs))
     if args.reference:
         if args.reference not in {run.exp_name for run in runs}:
-            raise SystemExit(f"error: no runs of --reference {args.reference} under '{args.folder}'")
+            raise SystemExit(f"error: no runs of --reference {args.reference} under {where}")
         print("\n" + aggregate_table(runs, args.reference))
         for flag in args.choose:
             best, means = choose(runs, args.reference, flag)

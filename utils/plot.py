@@ -266,6 +266,7 @@ def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
     fig, axes = plt.subplots(len(groups), len(flags), figsize=(4.5 * len(flags), 3.2 * len(groups)), squeeze=False, sharey="row")
     for row, (env_id, algos) in zip(axes, sorted(groups.items())):
         for ax, flag in zip(row, flags):
+            ax.set_xscale("log")  # before the ticks: setting the scale resets them
             points = defaultdict(list)  # script -> (value, finals)
             for exp_name, seeds in algos.items():
                 found = grid_value(exp_name, flag)
@@ -278,7 +279,7 @@ def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
                     ax.scatter([v] * len(finals), finals, s=12, color=f"C{i}", alpha=0.5)
                 ax.plot(x, [np.mean(finals) for _, finals in values], "o-", color=f"C{i}", label=script)
                 ax.set_xticks(x, [f"{v:g}" for v in x])
-            ax.set(xscale="log", title=env_id, xlabel=flag, ylabel="final return")
+            ax.set(title=env_id, xlabel=flag, ylabel="final return")
             ax.minorticks_off()
             if points:
                 ax.legend(fontsize="small")

@@ -111,5 +111,7 @@ def test_runs_from_several_folders_filtered_by_exp_name_and_never_counted_twice(
     names = {(run.exp_name, run.seed) for run in plot.select_runs(folders, ("trpo_continuous", "ppo_*_clip-coef*"))}
     assert names == {("trpo_continuous", 1), ("ppo_continuous_clip-coef0.3", 2)}
     assert len(plot.select_runs(folders)) == 3
-    with pytest.raises(SystemExit, match="A-v5__trpo_continuous__1 is found twice"):
-        plot.select_runs((str(tmp_path / "a"), str(tmp_path / "a")))
+    assert len(plot.select_runs((str(tmp_path / "a"), str(tmp_path / "a")))) == 2  # the same runs twice: counted once
+    plot.export_runs([_run("A-v5", "trpo_continuous", 1, 5.0)], str(tmp_path / "c" / "runs.csv"))  # another run, same name
+    with pytest.raises(SystemExit, match="two different runs A-v5__trpo_continuous__1"):
+        plot.select_runs((str(tmp_path / "a"), str(tmp_path / "c")))

@@ -48,7 +48,7 @@ from utils.logs import read_scalars
 @dataclass
 class Args:
     folders: tyro.conf.Positional[tuple[str, ...]]
-    """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files"""
+    """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files (or such a file)"""
     exp_names: tuple[str, ...] = ()
     """keep only the runs whose exp_name matches one of these shell patterns (`trpo_continuous`, `ppo_*`)"""
     out: str = "curves.png"
@@ -103,7 +103,10 @@ def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
 
 
 def load_runs(folder: str) -> list[Run]:
-    """Every run under `folder`: TensorBoard run directories and CSV files written by `export_runs`."""
+    """Every run under `folder`: TensorBoard run directories and CSV files written by `export_runs` (or the one such
+    CSV file that `folder` names)."""
+    if os.path.isfile(folder):
+        return read_runs_csv(folder)
     run_dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True)})
     runs = [run for run in map(run_from_scalars, run_dirs) if run is not None]
     for path in sorted(glob.glob(os.path.join(folder, "**", "*.csv"), recursive=True)):
@@ -339,17 +342,22 @@ def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
 
 
 def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = ()) -> list[Run]:
-    """The runs under the folders whose exp_name matches one of the patterns (all runs without patterns); a run
-    (environment, exp_name, seed) found twice is an error, not a silent double count."""
-    runs = [run for folder in folders for run in load_runs(folder)
-            if not exp_names or any(fnmatch.fnmatchcase(run.exp_name, pattern) for pattern in exp_names)]  # fmt: skip
-    seen = set()
-    for run in runs:
+    """The runs under the folders whose exp_name matches one of the patterns (all runs without patterns). A run
+    (environment, exp_name, seed) found twice is counted once if both copies hold the same data (a results CSV
+    that repeats another's runs), and is an error otherwise, never a silent double count."""
+    runs = {}
+    for run in (run for folder in folders for run in load_runs(folder)):
+        if exp_names and not any(fnmatch.fnmatchcase(run.exp_name, pattern) for pattern in exp_names):
+            continue
         key = (run.env_id, run.exp_name, run.seed)
-        if key in seen:
-            raise SystemExit(f"error: the run {'__'.join(map(str, key))} is found twice under {', '.join(folders)}")
-        seen.add(key)
-    return runs
+        if key in runs and not same_data(runs[key], run):
+            raise SystemExit(f"error: two different runs {'__'.join(map(str, key))} under {', '.join(folders)}")
+        runs.setdefault(key, run)
+    return list(runs.values())
+
+
+def same_data(a: Run, b: Run) -> bool:
+    return a.final == b.final and a.sps == b.sps and a.curve.shape == b.curve.shape and np.allclose(a.curve, b.curve)
 
 
 def main(args: Args) -> None:

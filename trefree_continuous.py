@@ -86,9 +86,7 @@ class Args:
     norm_adv: Literal["batch", "minibatch", "none"] = "batch"
     """normalize the advantages within the whole batch (Section 4), within each minibatch (PPO's way), or not"""
     delta: float = 0.1
-    """the margin delta of Algorithm 1: each sample's term (r - 1) A is capped at delta. The paper's Section 4 uses 0.01;
-    with advantages standardized per batch, 0.1 did best here on four MuJoCo tasks and 0.01 barely moved the policy
-    (README, Results): `--delta 0.01` is the paper's value. inf: no cap, as --conservative none"""
+    """the margin delta of Algorithm 1 capping each sample's (r - 1) A; the paper's is 0.01, 0.1 did best here (README); inf: no cap"""
     conservative: Literal["objective", "ratio", "none"] = "objective"
     """how G is optimised (Section 3.2): cap the objective (TREFree), clip the ratio deviation, or neither"""
     ratio_clip: float = 0.2

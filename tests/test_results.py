@@ -104,13 +104,15 @@ def test_curves_against_iterations_read_the_iteration_ends_and_survive_the_csv(t
     assert open(curves, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_runs_from_several_folders_filtered_by_exp_name_and_never_counted_twice(tmp_path):
+def test_runs_from_several_folders_filtered_by_name_and_environment_and_never_counted_twice(tmp_path):
     plot.export_runs([_run("A-v5", "trpo_continuous", 1, 1.0), _run("A-v5", "ppo_continuous", 1, 2.0)], str(tmp_path / "a" / "runs.csv"))
-    plot.export_runs([_run("A-v5", "ppo_continuous_clip-coef0.3", 2, 3.0)], str(tmp_path / "b" / "runs.csv"))
+    plot.export_runs([_run("A-v5", "ppo_continuous_clip-coef0.3", 2, 3.0), _run("B-v5", "ppo_continuous", 1, 4.0)], str(tmp_path / "b" / "runs.csv"))
     folders = (str(tmp_path / "a"), str(tmp_path / "b"))
     names = {(run.exp_name, run.seed) for run in plot.select_runs(folders, ("trpo_continuous", "ppo_*_clip-coef*"))}
     assert names == {("trpo_continuous", 1), ("ppo_continuous_clip-coef0.3", 2)}
-    assert len(plot.select_runs(folders)) == 3
+    assert len(plot.select_runs(folders)) == 4
+    assert {run.env_id for run in plot.select_runs(folders, env_ids=("B-*",))} == {"B-v5"}
+    assert [run.final for run in plot.select_runs(folders, ("ppo_continuous",), ("A-v5",))] == [2.0]
     assert len(plot.select_runs((str(tmp_path / "a"), str(tmp_path / "a")))) == 2  # the same runs twice: counted once
     plot.export_runs([_run("A-v5", "trpo_continuous", 1, 5.0)], str(tmp_path / "c" / "runs.csv"))  # another run, same name
     with pytest.raises(SystemExit, match="two different runs A-v5__trpo_continuous__1"):

@@ -51,6 +51,8 @@ class Args:
     """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files (or such a file)"""
     exp_names: tuple[str, ...] = ()
     """keep only the runs whose exp_name matches one of these shell patterns (`trpo_continuous`, `ppo_*`)"""
+    env_ids: tuple[str, ...] = ()
+    """keep only the runs whose environment matches one of these shell patterns (`Ant-v5`, `Humanoid*`)"""
     out: str = "curves.png"
     """the learning-curve figure; the ratio figure goes next to it as `<name>_ratios.png`"""
     export: str | None = None
@@ -341,13 +343,13 @@ def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
     return out, ratio_out
 
 
-def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = ()) -> list[Run]:
-    """The runs under the folders whose exp_name matches one of the patterns (all runs without patterns). A run
+def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = (), env_ids: tuple[str, ...] = ()) -> list[Run]:
+    """The runs under the folders whose exp_name and env_id match one of their patterns (all, without patterns). A run
     (environment, exp_name, seed) found twice is counted once if both copies hold the same data (a results CSV
     that repeats another's runs), and is an error otherwise, never a silent double count."""
     runs = {}
     for run in (run for folder in folders for run in load_runs(folder)):
-        if exp_names and not any(fnmatch.fnmatchcase(run.exp_name, pattern) for pattern in exp_names):
+        if not (matches(run.exp_name, exp_names) and matches(run.env_id, env_ids)):
             continue
         key = (run.env_id, run.exp_name, run.seed)
         if key in runs and not same_data(runs[key], run):
@@ -356,13 +358,18 @@ def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = ()) -> li
     return list(runs.values())
 
 
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
 def same_data(a: Run, b: Run) -> bool:
     return a.final == b.final and a.sps == b.sps and a.curve.shape == b.curve.shape and np.allclose(a.curve, b.curve)
 
 
 def main(args: Args) -> None:
-    runs = select_runs(args.folders, args.exp_names)
-    where = ", ".join(args.folders) + (f" matching {' '.join(args.exp_names)}" if args.exp_names else "")
+    runs = select_runs(args.folders, args.exp_names, args.env_ids)
+    patterns = args.exp_names + args.env_ids
+    where = ", ".join(args.folders) + (f" matching {' '.join(patterns)}" if patterns else "")
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under {where}")
     for path in plot(runs, args.out, args.x):

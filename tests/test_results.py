@@ -78,6 +78,8 @@ def test_evaluation_returns_and_episode_lengths_reach_the_table_and_the_csv(tmp_
     assert plot.final_returns_table(runs).splitlines()[2] == expected
     plot.export_runs(runs, str(tmp_path / "results" / "runs.csv"))
     assert plot.final_returns_table(plot.load_runs(str(tmp_path / "results"))).splitlines()[2] == expected
+    without = plot.Run("Ant-v5", "trpo_continuous", 1, np.array([[100.0, 5.0]]), np.zeros((0, 3)), 5.0, 900.0)  # no --save-model
+    assert plot.final_returns_table([*runs, without]).splitlines()[2:] == [expected, "| Ant-v5 | trpo_continuous | 1 | 5.0 ± 0.0 | – | – | 900 |"]
 
 
 def test_choose_takes_the_grid_value_with_the_highest_mean_normalized_score():

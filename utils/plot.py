@@ -163,14 +163,16 @@ def group(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
 
 def final_returns_table(runs: list[Run]) -> str:
     """Markdown: one row per environment and algorithm, mean ± std (ddof 1) over seeds of the final returns (and of
-    the evaluation returns and final episode lengths, when every run has them)."""
-    with_eval = all(not np.isnan(run.eval) for run in runs)
-    with_length = all(not np.isnan(run.length) for run in runs)
+    the evaluation returns and final episode lengths, where runs have them; "–" for a row whose runs lack them)."""
+    with_eval = any(not np.isnan(run.eval) for run in runs)
+    with_length = any(not np.isnan(run.length) for run in runs)
     extra = ["evaluation return"] * with_eval + ["episode length"] * with_length
     rows = ["| " + " | ".join(["environment", "algorithm", "seeds", "final return", *extra, "SPS"]) + " |",
             "|---|---|" + "---:|" * (3 + len(extra))]  # fmt: skip
 
     def mean_std(values: list[float], digits: int = 1) -> str:
+        if np.isnan(values).any():
+            return "–"
         return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
 
     for env_id, algos in sorted(group(runs).items()):

@@ -86,6 +86,8 @@ class Args:
     """the ratio clipping coefficient epsilon of eq. (4)"""
     clip_vloss: bool = True
     """if toggled, clip the value loss as in Baselines' ppo2"""
+    init_log_std: float = 0.0
+    """the initial log standard deviation of the Gaussian policy, the same in every action dimension (0: sigma = 1)"""
     ent_coef: float = 0.0
     """coefficient of the entropy bonus"""
     vf_coef: float = 0.5
@@ -209,11 +211,11 @@ def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Seque
 class Agent(nn.Module):
     """Separate actor and critic MLPs; Gaussian policy with a state-independent log-std."""
 
-    def __init__(self, obs_dim: int, act_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, init_log_std: float = 0.0):
         super().__init__()
         self.critic = mlp(obs_dim, 1, out_std=1.0)
         self.actor_mean = mlp(obs_dim, act_dim, out_std=0.01)
-        self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+        self.actor_logstd = nn.Parameter(torch.full((act_dim,), init_log_std))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
@@ -443,7 +445,7 @@ def train(args: Args) -> dict[str, float]:
 
     envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
                      env_kwargs)  # fmt: skip
-    agent = Agent(obs_dim, act_dim).to(device)
+    agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint is not None:
@@ -557,6 +559,7 @@ def check_args(args: Args) -> None:
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
+        (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.learning_rate < inf, "--learning-rate must be positive and finite"),
         (args.update_epochs < 1, "--update-epochs must be at least 1"),
         (not 0 < args.vf_coef < inf, "--vf-coef must be positive and finite"),

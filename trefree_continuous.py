@@ -97,6 +97,8 @@ class Args:
     """if toggled, clip the value loss as in Baselines' ppo2, with range `vf_clip_coef` (not in the paper)"""
     vf_clip_coef: float = 0.2
     """the value clipping range of `--clip-vloss`"""
+    init_log_std: float = 0.0
+    """the initial log standard deviation of the Gaussian policy, the same in every action dimension (0: sigma = 1)"""
     ent_coef: float = 0.0
     """coefficient of the entropy bonus"""
     vf_coef: float = 0.5
@@ -222,13 +224,13 @@ class Agent(nn.Module):
     state-independent log-std (Section 4's "mean and variance parameterized by the actor", read as
     Baselines implements it: the log-std is a free parameter of the actor, not an output)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, share_first_layer: bool = True):
+    def __init__(self, obs_dim: int, act_dim: int, share_first_layer: bool = True, init_log_std: float = 0.0):
         super().__init__()
         self.critic = mlp(obs_dim, 1, out_std=1.0)
         self.actor_mean = mlp(obs_dim, act_dim, out_std=0.01)
         if share_first_layer:
             self.critic[0] = self.actor_mean[0]  # one nn.Linear in both: the value loss trains it too
-        self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+        self.actor_logstd = nn.Parameter(torch.full((act_dim,), init_log_std))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
@@ -478,7 +480,7 @@ def train(args: Args) -> dict[str, float]:
 
     envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
                      env_kwargs)  # fmt: skip
-    agent = Agent(obs_dim, act_dim, args.share_first_layer).to(device)
+    agent = Agent(obs_dim, act_dim, args.share_first_layer, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint is not None:
@@ -592,6 +594,7 @@ def check_args(args: Args) -> None:
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
+        (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.learning_rate < inf, "--learning-rate must be positive and finite"),
         (args.update_epochs < 1, "--update-epochs must be at least 1"),
         (not 0 < args.vf_coef < inf, "--vf-coef must be positive and finite"),

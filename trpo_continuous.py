@@ -90,6 +90,8 @@ class Args:
     """the number of epochs of the value function's fit over each batch"""
     norm_adv: bool = True
     """if toggled, normalize the advantages within the whole batch"""
+    init_log_std: float = 0.0
+    """the initial log standard deviation of the Gaussian policy, the same in every action dimension (0: sigma = 1)"""
     ent_coef: float = 0.0
     """coefficient of the entropy bonus in the surrogate"""
     max_kl: float = 0.01
@@ -237,11 +239,11 @@ def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.
 class Agent(nn.Module):
     """Separate policy (actor) and value (critic) MLPs; Gaussian policy with a state-independent log-std."""
 
-    def __init__(self, obs_dim: int, act_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, init_log_std: float = 0.0):
         super().__init__()
         self.critic = mlp(obs_dim, 1, out_std=1.0)
         self.actor_mean = mlp(obs_dim, act_dim, out_std=0.01)
-        self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+        self.actor_logstd = nn.Parameter(torch.full((act_dim,), init_log_std))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
@@ -691,7 +693,7 @@ def train(args: Args) -> dict[str, float]:
     branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions)] if vine else []
     for env in branch_envs:
         env.reset(seed=args.seed)  # their state is always restored from the trunk's before they step
-    agent = Agent(obs_dim, act_dim).to(device)
+    agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint is not None:
@@ -825,6 +827,7 @@ def check_args(args: Args) -> None:
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
+        (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.vf_learning_rate < inf, "--vf-learning-rate must be positive and finite"),
         (args.vf_iters < 1 or args.cg_iters < 1 or args.line_search_steps < 1,
          "--vf-iters, --cg-iters and --line-search-steps must be at least 1"),

@@ -66,6 +66,13 @@ def test_env_kwargs_reach_the_environments_the_checkpoint_and_the_evaluation(alg
         evaluation.evaluate(path, episodes=1, env_id="Hopper-v5")  # the kwargs apply to another --env-id too
 
 
+def test_init_log_std_sets_the_initial_policy_standard_deviation(algo):
+    algo.train(algo.Args(env_id="InvertedPendulum-v5", init_log_std=-1.0, total_timesteps=64, num_steps=64, num_minibatches=2, save_model=True))
+    log_std = torch.load(os.path.join(only_run_dir(), f"{algo.__name__}.pt"), weights_only=True)["model"]["actor_logstd"]
+    # one update moves it by less than 0.2: 20 Adam steps of 3e-4 (PPO, TREFree), a mean KL of at most 0.01 (TRPO)
+    assert log_std.shape == (1,) and abs(log_std.item() + 1.0) < 0.2
+
+
 def _aligned_args(algo, **kwargs):
     return algo.Args(**(dict(env_id=ALIGNED_ID, total_timesteps=8 * 64, num_steps=64, num_minibatches=4) | kwargs))
 

@@ -45,6 +45,8 @@ def _bad_args(name):
         (dict(seed=2**32), "--seed must be between 0 and"),
         (dict(ent_coef=float("nan")), "--ent-coef must be 0 or positive, and finite"),
         (dict(ent_coef=-0.1), "--ent-coef must be 0 or positive, and finite"),
+        (dict(init_log_std=float("inf")), "--init-log-std must be finite"),
+        (dict(init_log_std=float("nan")), "--init-log-std must be finite"),
         (dict(gamma=1.5), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(gae_lambda=-0.1), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(checkpoint_interval=-1), "--checkpoint-interval must be 0 or positive"),

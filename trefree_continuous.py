@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import tyro
+from torch.optim.adam import adam as functional_adam
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -50,6 +51,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, the update runs on the GPU when one is available"""
+    compile: bool = True
+    """if toggled, the minibatch step runs compiled whole by torch.compile (CUDA graphs on a GPU); eager if it cannot"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False
@@ -57,7 +60,7 @@ class Args:
     checkpoint_interval: int = 0
     """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
     resume: str | None = None
-    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda)"""
+    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda, --compile)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
@@ -150,7 +153,8 @@ class RunningMeanStd:
         self.count = 1e-4
 
     def update(self, x: np.ndarray) -> None:
-        batch_count, batch_mean = x.shape[0], x.mean(axis=0)
+        batch_count = x.shape[0]
+        batch_mean = x.sum(axis=0) / batch_count  # x.mean(axis=0), bit for bit, without np.mean's Python wrapper
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * (batch_count / total)
@@ -393,31 +397,58 @@ def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch
     }  # fmt: skip
 
 
-def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args) -> dict[str, float]:
-    """`update_epochs` passes of minibatch gradient steps on -L + vf_coef * value loss; returns the iteration's statistics."""
+def adam_state(optimizer: torch.optim.Adam) -> dict:
+    """The parameters, state tensors and hyper-parameters of a one-group `torch.optim.Adam`, its state created as its
+    first `step()` would create it. `adam_step` updates these tensors in place, so `optimizer.state_dict()` saves them."""
+    group = optimizer.param_groups[0]
+    for p in group["params"]:
+        if not optimizer.state[p]:
+            optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    states = [optimizer.state[p] for p in group["params"]]
+    return {
+        "params": group["params"], "exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+        "state_steps": [st["step"] for st in states], "beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
+    }  # fmt: skip
+
+
+def adam_step(adam: dict, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
+    """Adam (Kingma and Ba, 2015) on `adam`'s parameters and state, in place: PyTorch's own, the functional form that
+    `torch.optim.Adam.step` runs; its fused kernel eagerly, its single-tensor form (which inductor fuses) when compiled."""
+    with torch.no_grad():
+        functional_adam(adam["params"], grads, adam["exp_avgs"], adam["exp_avg_sqs"], [], adam["state_steps"], foreach=False,
+                        fused=not torch.compiler.is_compiling(), amsgrad=False, beta1=adam["beta1"], beta2=adam["beta2"], lr=lr,
+                        weight_decay=0.0, eps=adam["eps"], maximize=False)  # fmt: skip
+
+
+def minibatch_step(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float | torch.Tensor, args: Args) -> torch.Tensor:
+    """One gradient step on a minibatch, in place: -L + vf_coef * value loss, its gradient, global-norm clipping and Adam. The
+    eager and the compiled update both run this function. Returns (policy loss, value loss, entropy, capfrac, gradient norm)."""
+    logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
+    advantages = standardize(mb["advantages"]) if args.norm_adv == "minibatch" else mb["advantages"]
+    policy_loss, capped = trefree_loss(logratio, advantages, args.delta, args.conservative, args.ratio_clip)
+    v_loss = value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.vf_clip_coef, args.clip_vloss)
+    entropy = agent.entropy()
+    loss = policy_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+
+    grads = torch.autograd.grad(loss, adam["params"])
+    grad_norm = nn.utils.get_total_norm(grads)  # ||g||, the norm over all parameters that clip_grad_norm_ computes
+    grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]  # g min(1, c / ||g||), clip_grad_norm_'s rule
+    adam_step(adam, grads, lr)
+    return torch.stack([policy_loss, v_loss, entropy, capped.float().mean(), grad_norm]).detach()
+
+
+def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Tensor], args: Args,
+           step: Callable = minibatch_step) -> dict[str, float]:  # fmt: skip
+    """`update_epochs` passes of minibatch gradient steps on -L + vf_coef * value loss (`step`: `minibatch_step`, or it
+    compiled); returns the iteration's statistics."""
     batch_size = batch["obs"].shape[0]
-    minibatch_size = batch_size // args.num_minibatches
     if args.norm_adv == "batch":  # Section 4: advantages are normalized "only within a training batch"
         batch = batch | {"advantages": standardize(batch["advantages"])}
-    params = list(agent.parameters())
+    adam, lr = adam_state(optimizer), optimizer.param_groups[0]["lr"]
     losses = []
     for _ in range(args.update_epochs):
-        permutation = torch.randperm(batch_size, device=batch["obs"].device)
-        shuffled = {k: v[permutation] for k, v in batch.items()}
-        for start in range(0, batch_size, minibatch_size):
-            mb = {k: v[start : start + minibatch_size] for k, v in shuffled.items()}
-            logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
-            advantages = standardize(mb["advantages"]) if args.norm_adv == "minibatch" else mb["advantages"]
-            policy_loss, capped = trefree_loss(logratio, advantages, args.delta, args.conservative, args.ratio_clip)
-            v_loss = value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.vf_clip_coef, args.clip_vloss)
-            entropy = agent.entropy()
-            loss = policy_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            losses.append(torch.stack([policy_loss, v_loss, entropy, capped.float().mean(), grad_norm]).detach())
+        for indices in torch.randperm(batch_size, device=batch["obs"].device).split(batch_size // args.num_minibatches):
+            losses.append(step(agent, adam, {k: v[indices] for k, v in batch.items()}, lr, args))
         if args.target_kl is not None and ratio_stats(agent, batch)["losses/approx_kl"] > args.target_kl:
             break
     policy_loss, v_loss, entropy, capfrac, grad_norm = torch.stack(losses).mean(0).tolist()
@@ -442,7 +473,7 @@ def train(args: Args) -> dict[str, float]:
     if checkpoint is None:
         args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
     else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
-        taken = ("resume", "total_timesteps", "cuda")  # the device is the machine's, not the run's
+        taken = ("resume", "total_timesteps", "cuda", "compile")  # the device and the compiler are the machine's, not the run's
         ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
         if ignored:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
@@ -450,7 +481,7 @@ def train(args: Args) -> dict[str, float]:
         batch_size = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
         if total_timesteps // batch_size < checkpoint["iteration"]:
             raise ArgsError(f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps")
-        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda}))
+        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}))
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs)
@@ -481,7 +512,7 @@ def train(args: Args) -> dict[str, float]:
     envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
                      env_kwargs)  # fmt: skip
     agent = Agent(obs_dim, act_dim, args.share_first_layer, args.init_log_std).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["model"])
@@ -493,6 +524,7 @@ def train(args: Args) -> dict[str, float]:
         # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
         normalizer.discounted_return[:] = 0.0
 
+    train_step = compiled(minibatch_step, device) if args.compile else minibatch_step
     # On resume the statistics already hold the observation the run would have continued from: not counted twice.
     obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
     recent_returns, mean_return, stopped_by = deque(maxlen=10), float("nan"), 0
@@ -516,7 +548,7 @@ def train(args: Args) -> dict[str, float]:
 
                 update_start = time.perf_counter()
                 batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
-                stats = update(agent, optimizer, batch, args)
+                stats = update(agent, optimizer, batch, args, train_step)
                 update_end = time.perf_counter()
                 check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
                              | {f"the parameter {name}": p for name, p in agent.named_parameters()}, "after the update")  # fmt: skip
@@ -693,6 +725,37 @@ def stop_requests():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def compiled(step: Callable, device: torch.device) -> Callable:
+    """`step` compiled whole by torch.compile at its first call (`fullgraph`: the loss, autograd, clipping and Adam in one
+    graph; CUDA graphs on a GPU), with the learning rate passed as a tensor so that its annealing does not recompile.
+    Where compilation fails (no C++ compiler, an unsupported platform, a compiler error), a one-line note and `step` itself."""
+    torch._dynamo.config.trace_autograd_ops = True  # the one private switch: trace torch.autograd.grad into the graph
+    # No shape asserts in the generated code (the shapes never change; -17 % per step on the CPU); CUDA graphs on a GPU.
+    fast = torch.compile(step, fullgraph=True, options={"size_asserts": False, "triton.cudagraphs": device.type == "cuda"})
+    calls = {"first": True, "eager": False}
+
+    def run(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float, args: Args) -> torch.Tensor:
+        if calls["eager"]:
+            return step(agent, adam, mb, lr, args)
+        if calls["first"] and device.type == "cuda":  # CUDA graphs may update the optimizer's state in place
+            for tensor in adam["exp_avgs"] + adam["exp_avg_sqs"] + adam["state_steps"]:
+                torch._dynamo.mark_static_address(tensor)
+        try:
+            # The clone: a CUDA graph's next replay overwrites its output.
+            return fast(agent, adam, mb, torch.tensor(lr, device=device), args).clone()
+        except Exception as e:
+            if not calls["first"]:
+                raise
+            calls["eager"] = True
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            print(f"note: torch.compile failed ({reason}); the update runs eagerly, as with --no-compile", file=sys.stderr)
+            return step(agent, adam, mb, lr, args)
+        finally:
+            calls["first"] = False
+
+    return run
 
 
 def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:

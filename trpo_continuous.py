@@ -38,6 +38,7 @@ import tyro
 from gymnasium.envs.mujoco import MujocoEnv
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.optim.adam import adam as functional_adam
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -55,6 +56,8 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, the update runs on the GPU when one is available"""
+    compile: bool = True
+    """if toggled, the value function's minibatch step runs compiled whole by torch.compile (CUDA graphs on a GPU); eager if it cannot"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False
@@ -62,7 +65,7 @@ class Args:
     checkpoint_interval: int = 0
     """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
     resume: str | None = None
-    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda)"""
+    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda, --compile)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
@@ -161,7 +164,8 @@ class RunningMeanStd:
         self.count = 1e-4
 
     def update(self, x: np.ndarray) -> None:
-        batch_count, batch_mean = x.shape[0], x.mean(axis=0)
+        batch_count = x.shape[0]
+        batch_mean = x.sum(axis=0) / batch_count  # x.mean(axis=0), bit for bit, without np.mean's Python wrapper
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * (batch_count / total)
@@ -554,8 +558,39 @@ def vine_surrogate(logratio: torch.Tensor, q_values: torch.Tensor) -> torch.Tens
     return (torch.softmax(logratio, dim=1) * q_values).sum(1).mean()
 
 
-def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], args: Args,
-           vine: dict[str, torch.Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+def adam_state(optimizer: torch.optim.Adam) -> dict:
+    """The parameters, state tensors and hyper-parameters of a one-group `torch.optim.Adam`, its state created as its
+    first `step()` would create it. `adam_step` updates these tensors in place, so `optimizer.state_dict()` saves them."""
+    group = optimizer.param_groups[0]
+    for p in group["params"]:
+        if not optimizer.state[p]:
+            optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    states = [optimizer.state[p] for p in group["params"]]
+    return {
+        "params": group["params"], "exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+        "state_steps": [st["step"] for st in states], "beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
+    }  # fmt: skip
+
+
+def adam_step(adam: dict, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
+    """Adam (Kingma and Ba, 2015) on `adam`'s parameters and state, in place: PyTorch's own, the functional form that
+    `torch.optim.Adam.step` runs; its fused kernel eagerly, its single-tensor form (which inductor fuses) when compiled."""
+    with torch.no_grad():
+        functional_adam(adam["params"], grads, adam["exp_avgs"], adam["exp_avg_sqs"], [], adam["state_steps"], foreach=False,
+                        fused=not torch.compiler.is_compiling(), amsgrad=False, beta1=adam["beta1"], beta2=adam["beta2"], lr=lr,
+                        weight_decay=0.0, eps=adam["eps"], maximize=False)  # fmt: skip
+
+
+def minibatch_step(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float | torch.Tensor, args: Args) -> torch.Tensor:
+    """One gradient step of the value function on a minibatch, in place: the value loss, its gradient and Adam. The eager
+    and the compiled update both run this function. Returns the value loss."""
+    v_loss = value_loss(agent.value(mb["obs"]), mb["returns"])
+    adam_step(adam, list(torch.autograd.grad(v_loss, adam["params"])), lr)
+    return v_loss.detach()
+
+
+def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Tensor], args: Args,
+           vine: dict[str, torch.Tensor] | None = None, step: Callable = minibatch_step) -> dict[str, float]:  # fmt: skip
     """One natural-gradient step on the policy under the KL constraint, then `vf_iters` epochs of minibatch
     Adam on the value function (on the trunk's batch); returns the iteration's statistics. The policy step
     uses the batch's states and advantages (single path) or, given `vine`, the rollout set's states and
@@ -612,16 +647,12 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torc
             steps, step_kl, improvement = 0, mean_kl().item(), surrogate().item() - surrogate_old
         step_norm = args.npg_step_size * step_dir.norm().item()
 
-    trunk_obs = batch["obs"]
-    batch_size = trunk_obs.shape[0]
+    batch_size = batch["obs"].shape[0]
+    adam, lr = adam_state(optimizer), optimizer.param_groups[0]["lr"]
     v_losses = []
-    for _ in range(args.vf_iters):
-        for mb in torch.randperm(batch_size, device=trunk_obs.device).split(batch_size // args.num_minibatches):
-            v_loss = value_loss(agent.value(trunk_obs[mb]), batch["returns"][mb])
-            optimizer.zero_grad()
-            v_loss.backward()
-            optimizer.step()
-            v_losses.append(v_loss.detach())
+    for _ in range(args.vf_iters):  # the value function's fit (`step`: `minibatch_step`, or it compiled)
+        for indices in torch.randperm(batch_size, device=batch["obs"].device).split(batch_size // args.num_minibatches):
+            v_losses.append(step(agent, adam, {"obs": batch["obs"][indices], "returns": batch["returns"][indices]}, lr, args))
 
     with torch.no_grad():
         policy_loss, largest_kl = -surrogate().item(), max_kl().item()
@@ -649,14 +680,14 @@ def train(args: Args) -> dict[str, float]:
     if checkpoint is None:
         args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
     else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
-        taken = ("resume", "total_timesteps", "cuda")  # the device is the machine's, not the run's
+        taken = ("resume", "total_timesteps", "cuda", "compile")  # the device and the compiler are the machine's, not the run's
         ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
         if ignored:
             print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
         total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
         if total_timesteps < checkpoint["global_step"]:
             raise ArgsError(f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps")
-        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda}))
+        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}))
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs, restorable=args.sampling == "vine")
@@ -694,7 +725,7 @@ def train(args: Args) -> dict[str, float]:
     for env in branch_envs:
         env.reset(seed=args.seed)  # their state is always restored from the trunk's before they step
     agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
-    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
+    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["model"])
@@ -706,6 +737,7 @@ def train(args: Args) -> dict[str, float]:
         # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
         normalizer.discounted_return[:] = 0.0
 
+    train_step = compiled(minibatch_step, device) if args.compile else minibatch_step
     # On resume the statistics already hold the observation the run would have continued from: not counted twice.
     obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
     recent_returns, mean_return, stopped_by = deque(maxlen=10), float("nan"), 0
@@ -745,7 +777,7 @@ def train(args: Args) -> dict[str, float]:
                 update_start = time.perf_counter()
                 batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
                 vine_batch = make_vine_batch(agent, branches, device) if vine else None
-                stats = update(agent, optimizer, batch, args, vine_batch)
+                stats = update(agent, optimizer, batch, args, vine_batch, train_step)
                 if vine:
                     stats |= {"trpo/branch_steps": branch_steps, "trpo/q_spread": vine_batch["q_values"].std(1).mean().item()}
                 update_end = time.perf_counter()
@@ -935,6 +967,37 @@ def stop_requests():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def compiled(step: Callable, device: torch.device) -> Callable:
+    """`step` compiled whole by torch.compile at its first call (`fullgraph`: the loss, autograd, clipping and Adam in one
+    graph; CUDA graphs on a GPU), with the learning rate passed as a tensor so that its annealing does not recompile.
+    Where compilation fails (no C++ compiler, an unsupported platform, a compiler error), a one-line note and `step` itself."""
+    torch._dynamo.config.trace_autograd_ops = True  # the one private switch: trace torch.autograd.grad into the graph
+    # No shape asserts in the generated code (the shapes never change; -17 % per step on the CPU); CUDA graphs on a GPU.
+    fast = torch.compile(step, fullgraph=True, options={"size_asserts": False, "triton.cudagraphs": device.type == "cuda"})
+    calls = {"first": True, "eager": False}
+
+    def run(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float, args: Args) -> torch.Tensor:
+        if calls["eager"]:
+            return step(agent, adam, mb, lr, args)
+        if calls["first"] and device.type == "cuda":  # CUDA graphs may update the optimizer's state in place
+            for tensor in adam["exp_avgs"] + adam["exp_avg_sqs"] + adam["state_steps"]:
+                torch._dynamo.mark_static_address(tensor)
+        try:
+            # The clone: a CUDA graph's next replay overwrites its output.
+            return fast(agent, adam, mb, torch.tensor(lr, device=device), args).clone()
+        except Exception as e:
+            if not calls["first"]:
+                raise
+            calls["eager"] = True
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            print(f"note: torch.compile failed ({reason}); the update runs eagerly, as with --no-compile", file=sys.stderr)
+            return step(agent, adam, mb, lr, args)
+        finally:
+            calls["first"] = False
+
+    return run
 
 
 def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:

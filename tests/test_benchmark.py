@@ -8,7 +8,7 @@ import pytest
 from utils import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--num-steps", "1024"]
+TINY = ["--num-steps", "1024", "--no-compile"]  # tiny jobs: compiling would take longer than training
 
 
 def _args(tmp_path, **kwargs):
@@ -21,7 +21,7 @@ def test_dry_run_lists_the_jobs_and_runs_nothing(tmp_path, capsys):
     assert lines[0] == "4 jobs, 0 already done, 4 to run (local)"
     assert lines[1].startswith("InvertedPendulum-v5__ppo_continuous__1: (cd ") and lines[1].endswith(
         "ppo_continuous.py --env-id InvertedPendulum-v5 --seed 1 --exp-name ppo_continuous --save-model "
-        "--checkpoint-interval 20 --total-timesteps 1024 --num-steps 1024)"
+        "--checkpoint-interval 20 --total-timesteps 1024 --num-steps 1024 --no-compile)"
     )
     assert not (tmp_path / "sweep").exists()
 
@@ -100,7 +100,7 @@ def test_grid_sweeps_script_flags_under_their_own_exp_names(tmp_path, capsys):
     names = [line.split(":")[0] for line in lines[1:]]
     assert names == [f"InvertedPendulum-v5__trefree_continuous_delta{d}_gamma{g}_short__1" for d in ("0.03", "0.1") for g in ("0.9", "0.99")]
     assert lines[1].endswith("--exp-name trefree_continuous_delta0.03_gamma0.9_short --save-model --checkpoint-interval 20 "
-                             "--total-timesteps 1024 --delta 0.03 --gamma 0.9 --num-steps 1024)")  # fmt: skip
+                             "--total-timesteps 1024 --delta 0.03 --gamma 0.9 --num-steps 1024 --no-compile)")  # fmt: skip
 
 
 def test_runs_already_in_a_results_csv_are_skipped(tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_nan_in_training_names_the_quantity_and_keeps_the_last_good_checkpoint(a
 def test_nan_fault_exits_with_code_3(tmp_path):
     env = os.environ | {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), "--env-id", "helpers:tests/NaNAfter-v0",
-           "--total-timesteps", "2048", "--num-steps", "256", "--num-minibatches", "8"]  # fmt: skip
+           "--total-timesteps", "2048", "--num-steps", "256", "--num-minibatches", "8", "--no-compile"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: helpers:tests/NaNAfter-v0, iteration 3: the environment")
@@ -140,7 +140,7 @@ def test_nan_fault_exits_with_code_3(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, script):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", "InvertedPendulum-v5",
-           "--total-timesteps", str(40 * 512), "--num-steps", "512", "--num-minibatches", "8", "--checkpoint-interval", "1"]  # fmt: skip
+           "--total-timesteps", str(40 * 512), "--num-steps", "512", "--num-minibatches", "8", "--checkpoint-interval", "1", "--no-compile"]  # fmt: skip
     process = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("runs/*/*.pt")) and time.time() < deadline:  # the first checkpoint: training is under way
@@ -154,7 +154,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, scrip
     assert 0 < stopped_at < 40 * 512
     assert max(step for step, _ in read_scalars(str(path.parent))["charts/SPS"]) == stopped_at  # TensorBoard was flushed
 
-    result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", str(path), "--seed", "9"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", str(path), "--seed", "9", "--no-compile"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "note: a resumed run keeps the arguments it was started with; ignoring --seed" in result.stderr

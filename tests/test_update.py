@@ -1,0 +1,145 @@
+"""The minibatch step that the eager and the compiled update share: against `loss.backward()`, `clip_grad_norm_` and
+`torch.optim.Adam` itself; compiled against eager; and the fallback to eager where compilation fails."""
+
+import copy
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["ppo_continuous", "trefree_continuous", "trpo_continuous"]
+OBS_DIM, ACT_DIM, MINIBATCH, STEPS = 4, 1, 32, 10  # InvertedPendulum's sizes, the minibatch of --num-steps 1024
+
+
+def _reference_loss(algo, agent, mb, args):
+    """Each script's loss as its update computed it before the fused step, written out here."""
+    if algo.__name__ == "trpo_continuous":  # the value function's fit
+        return algo.value_loss(agent.value(mb["obs"]), mb["returns"])
+    logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
+    advantages = (mb["advantages"] - mb["advantages"].mean()) / (mb["advantages"].std() + 1e-8)
+    if algo.__name__ == "ppo_continuous":
+        policy_loss = algo.ppo_loss(logratio, advantages, args.clip_coef)
+        v_loss = algo.value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.clip_coef, args.clip_vloss)
+    else:
+        policy_loss, _ = algo.trefree_loss(logratio, advantages, args.delta, args.conservative, args.ratio_clip)
+        v_loss = algo.value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.vf_clip_coef, args.clip_vloss)
+    return policy_loss - args.ent_coef * agent.entropy() + args.vf_coef * v_loss
+
+
+def _setup(algo, seed=0):
+    """An agent, its optimizer as `train` builds it, arguments that make every term matter, and `STEPS` minibatches."""
+    torch.manual_seed(seed)
+    agent = algo.Agent(OBS_DIM, ACT_DIM)
+    if algo.__name__ == "trpo_continuous":
+        args = algo.Args()
+        optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)
+    else:
+        # ent_coef > 0 and a small max_grad_norm: the entropy term and the clipping both act. TREFree's advantages are
+        # standardized per minibatch here, so that the reference above is its loss too.
+        extra = {} if algo.__name__ == "ppo_continuous" else {"norm_adv": "minibatch"}
+        args = algo.Args(ent_coef=0.01, max_grad_norm=0.1, **extra)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    minibatches = []
+    for _ in range(STEPS):
+        obs, actions = torch.randn(MINIBATCH, OBS_DIM), torch.randn(MINIBATCH, ACT_DIM)
+        with torch.no_grad():  # the rollout policy's log-probabilities, moved so that some ratios are clipped or capped
+            logprobs = agent.log_prob(obs, actions) + 0.3 * torch.randn(MINIBATCH)
+        minibatches.append({"obs": obs, "actions": actions, "logprobs": logprobs, "values": torch.randn(MINIBATCH),
+                            "advantages": torch.randn(MINIBATCH), "returns": torch.randn(MINIBATCH)})  # fmt: skip
+    return agent, optimizer, args, minibatches
+
+
+def _optimizer_state(optimizer):
+    return [t for state in optimizer.state_dict()["state"].values() for t in state.values()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_minibatch_step_is_backward_clip_grad_norm_and_torch_adam_bit_for_bit(script):
+    """`minibatch_step` (eager) = loss.backward(), clip_grad_norm_ (PPO, TREFree) and torch.optim.Adam's step, exactly:
+    the parameters, Adam's state and the returned losses after `STEPS` steps. This is what keeps --no-compile's runs
+    bit-identical to those of the update written that way."""
+    algo = importlib.import_module(script)
+    agent, optimizer, args, minibatches = _setup(algo)
+    ref_agent = copy.deepcopy(agent)
+    ref_params = list(ref_agent.critic.parameters() if script == "trpo_continuous" else ref_agent.parameters())
+    ref_optimizer = torch.optim.Adam(ref_params, lr=optimizer.defaults["lr"], eps=optimizer.defaults["eps"], fused=True)
+    adam = algo.adam_state(optimizer)
+    for mb in minibatches:
+        stats = algo.minibatch_step(agent, adam, mb, optimizer.param_groups[0]["lr"], args)
+        loss = _reference_loss(algo, ref_agent, mb, args)
+        ref_optimizer.zero_grad()
+        loss.backward()
+        if script != "trpo_continuous":
+            grad_norm = nn.utils.clip_grad_norm_(ref_params, args.max_grad_norm)
+            assert torch.equal(stats[4], grad_norm)
+            assert grad_norm > args.max_grad_norm  # the clipping acted
+        ref_optimizer.step()
+    for p, q in zip(agent.state_dict().values(), ref_agent.state_dict().values()):
+        assert torch.equal(p, q)
+    assert all(torch.equal(a, b) for a, b in zip(_optimizer_state(optimizer), _optimizer_state(ref_optimizer)))
+    assert optimizer.state_dict()["state"][0]["step"].item() == STEPS
+
+
+# Compiled against eager, after STEPS steps from one state on the same minibatches. The compiled graph sums in another
+# order (fused reductions, its own matmul tiling), so each float32 sum of n terms may differ by up to ~n u sum|terms|
+# (Higham; u = 2^-24 ~ 6e-8): ~2e-6 of the terms' size for the 32-sample means and 64-unit layers here. Two consequences
+# fix how to compare. (1) A gradient entry that cancels to ~0 has no correct digits, and Adam divides it by its own
+# running size, so it may step by up to ~lr in another direction: parameters cannot be compared entry by entry, only
+# through the distance the update moved them, |theta_compiled - theta_eager| / |theta_eager - theta_0| (a bug in the
+# loss, the clipping or Adam makes this O(1)). (2) Adam's moments and the losses differ by the gradients' rounding,
+# relative to their own norm. Measured over 5 seeds: at most 1.2e-5 (parameters), 2.6e-5 (moments), 9.3e-6 (losses);
+# the bounds below leave a margin of ~40 over those and stay ~1000 below what a wrong step gives.
+TOLERANCE = 1e-3
+
+
+def _relative_error(a: list[torch.Tensor], b: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """|a - b| / |reference| over the concatenated tensors."""
+    flat = lambda tensors: torch.cat([t.flatten() for t in tensors])  # noqa: E731
+    return ((flat(a) - flat(b)).norm() / flat(reference).norm()).item()
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compiled_step_equals_the_eager_step(script):
+    algo = importlib.import_module(script)
+    agent, optimizer, args, minibatches = _setup(algo)
+    start = [p.clone() for p in agent.state_dict().values()]
+    fast_agent = copy.deepcopy(agent)
+    params = list(fast_agent.critic.parameters() if script == "trpo_continuous" else fast_agent.parameters())
+    fast_optimizer = torch.optim.Adam(params, lr=optimizer.defaults["lr"], eps=optimizer.defaults["eps"])
+    eager_adam, fast_adam = algo.adam_state(optimizer), algo.adam_state(fast_optimizer)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fast_step = algo.compiled(algo.minibatch_step, torch.device("cpu"))
+    lr = optimizer.param_groups[0]["lr"]
+    eager_stats, fast_stats = [], []
+    for i, mb in enumerate(minibatches):
+        eager_stats.append(algo.minibatch_step(agent, eager_adam, mb, lr * (1 - i / STEPS), args))  # annealed: no recompile
+        fast_stats.append(fast_step(fast_agent, fast_adam, mb, lr * (1 - i / STEPS), args))
+    eager, fast = list(agent.state_dict().values()), list(fast_agent.state_dict().values())
+    assert _relative_error(fast, eager, [p - p0 for p, p0 in zip(eager, start)]) < TOLERANCE
+    for key in ("exp_avgs", "exp_avg_sqs"):
+        assert _relative_error(fast_adam[key], eager_adam[key], eager_adam[key]) < TOLERANCE, key
+    assert [s.item() for s in fast_adam["state_steps"]] == [s.item() for s in eager_adam["state_steps"]] == [STEPS] * len(fast_adam["params"])
+    torch.testing.assert_close(torch.stack(fast_stats), torch.stack(eager_stats), rtol=TOLERANCE, atol=1e-6)
+    # It really ran compiled, once: one graph, no recompilation for the annealed learning rate.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failed_compilation_falls_back_to_eager_with_one_line(tmp_path, script):
+    """No C++ compiler (CXX names none; Inductor's caches off, so that nothing compiled earlier is reused): one note, and
+    the run trains to the end eagerly."""
+    env = os.environ | {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048",
+           "--num-steps", "1024", "--no-cuda"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: torch.compile failed")]
+    assert len(notes) == 1 and "No working C++ compiler" in notes[0] and notes[0].endswith("the update runs eagerly, as with --no-compile")
+    assert len(list((tmp_path / "runs").iterdir())) == 1

@@ -119,3 +119,69 @@ def test_runs_from_several_folders_filtered_by_name_and_environment_and_never_co
     plot.export_runs([_run("A-v5", "trpo_continuous", 1, 5.0)], str(tmp_path / "c" / "runs.csv"))  # another run, same name
     with pytest.raises(SystemExit, match="two different runs A-v5__trpo_continuous__1"):
         plot.select_runs((str(tmp_path / "a"), str(tmp_path / "c")))
+
+
+def test_binned_curve_and_its_area_against_hand_computed_values():
+    # episodes ending at steps 3k and 9k (bin 1), 12k (bin 2), none in bin 3, 35k (bin 4)
+    binned = plot.binned_curve(np.array([3000.0, 9000.0, 12000.0, 35000.0]), np.array([1.0, 3.0, 5.0, 7.0]), width=10_000)
+    np.testing.assert_array_equal(binned, [[10_000, 2.0], [20_000, 5.0], [30_000, 5.0], [40_000, 7.0]])  # bin 3: bin 2's value
+    assert binned[:, 1].mean() == 4.75  # the area under the curve per step: the sample-efficiency measure
+
+
+def _scored_run(env_id, exp_name, seed, final):
+    run = _run(env_id, exp_name, seed, final)
+    run.binned, run.auc = np.array([[10_000.0, final / 2], [20_000.0, final]]), 0.75 * final
+    return run
+
+
+def test_comparison_verdicts_on_runs_with_known_differences(tmp_path):
+    """`better` is 100 above `ref` in every run of both tasks, `same` equals `ref` run for run, `worse` is 50 below."""
+    runs = []
+    for env_id, base in (("A-v5", 1000.0), ("B-v5", 200.0)):
+        for seed in range(1, 11):
+            ref = base + 10.0 * seed
+            runs += [_scored_run(env_id, "ref", seed, ref), _scored_run(env_id, "better", seed, ref + 100.0),
+                     _scored_run(env_id, "same", seed, ref), _scored_run(env_id, "worse", seed, ref - 50.0)]  # fmt: skip
+    random = {"A-v5": 0.0, "B-v5": 100.0}
+    tables, normalized = plot.compare(runs, ("better", "ref", "same"), random, reps=2000)
+    final = tables.split("**sample efficiency")[0]
+    row = next(line for line in final.splitlines() if line.startswith("| A-v5 |"))
+    # the difference of means is +100; the seeds of each algorithm are resampled independently (runs are not paired), so
+    # its interval is +100 ± ~25 (each mean's bootstrap sd is 28.7 / sqrt(10) ~ 9.1, the difference's ~12.8): above 0
+    low, high = (float(v) for v in row.split(" | ")[4].split("[")[1].rstrip("]").split(", "))
+    assert row.split(" | ")[4].startswith("+100.0 [") and 60 < low < 100 < high < 140 and row.split(" | ")[5] == "better"
+    # normalized: (x - random) / (ref's mean - random); ref's mean on B is 255, so `better` on B scores (ref + 100 - 100) / 155
+    np.testing.assert_allclose(normalized["ref"][:, 1], (200.0 + 10.0 * np.arange(1, 11) - 100.0) / 155.0)
+    aggregate = {line.split(" | ")[0].strip("| "): line for line in final.splitlines() if line.startswith("| ref |") or line.startswith("| same |")}
+    # every run of `better` beats every run of `ref` (P = 1 in every resample), and the IQM intervals lie apart
+    assert aggregate["ref"].endswith("1.000 [1.000, 1.000] | better beats, by a large margin (IQM intervals apart) |")
+    # P(better > same) = 1 too; and against itself a method ties: `same` vs `ref`
+    tables, _ = plot.compare(runs, ("same", "ref", "worse"), random, reps=2000)
+    final = tables.split("**sample efficiency")[0]
+    ref_row = next(line for line in final.splitlines() if line.startswith("| ref |") and "P(" not in line)
+    worse_row = next(line for line in final.splitlines() if line.startswith("| worse |") and "P(" not in line)
+    assert "same ties (no detectable difference)" in ref_row and "0.500 [" in ref_row
+    # P(same > worse) by hand: same = base + 10 i, worse = base - 50 + 10 j (i, j = 1..10) on both tasks; i beats j when
+    # j <= i + 4 (85 of the 100 pairs) and ties when j = i + 5 (5 pairs, counted 1/2 by Mann-Whitney): 0.875
+    assert "| 0.875 [" in worse_row and "| same beats" in worse_row
+    cells = next(line for line in final.splitlines() if line.startswith("| B-v5 |")).split(" | ")
+    assert cells[4].startswith("+0.0 [") and cells[5] == "no detectable difference"  # same - ref
+    assert cells[6].startswith("+50.0 [") and cells[7] == "better |"  # same - worse
+    # the sample-efficiency table is there, with the AUC (0.75 x final): the same verdicts
+    assert "**sample efficiency (AUC)**" in tables and "| A-v5 |" in tables.split("**sample efficiency")[1]
+
+
+def test_binned_curves_and_areas_survive_the_csv_and_draw_the_comparison_figures(tmp_path):
+    runs = [_scored_run(env_id, name, seed, 100.0 * seed + (50.0 if name == "b" else 0.0))
+            for env_id in ("A-v5", "B-v5") for name in ("a", "b") for seed in (1, 2, 3)]  # fmt: skip
+    plot.export_runs(runs, str(tmp_path / "runs.csv"))
+    back = {(r.env_id, r.exp_name, r.seed): r for r in plot.read_runs_csv(str(tmp_path / "runs.csv"))}
+    for run in runs:
+        copy = back[(run.env_id, run.exp_name, run.seed)]
+        np.testing.assert_array_equal(copy.binned, run.binned)
+        assert copy.auc == run.auc
+    (tmp_path / "random.csv").write_text("env_id,policy,episode,return\nA-v5,random,0,-10\nA-v5,random,1,10\nB-v5,random,0,5\n")
+    assert plot.read_random_returns(str(tmp_path / "random.csv")) == {"A-v5": 0.0, "B-v5": 5.0}
+    _, normalized = plot.compare(runs, ("b", "a"), plot.read_random_returns(str(tmp_path / "random.csv")), reps=200)
+    for path in plot.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "curves.png"), reps=200):
+        assert path.endswith(("_binned.png", "_profiles.png")) and (tmp_path / path).stat().st_size > 10_000

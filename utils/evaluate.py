@@ -1,15 +1,19 @@
 """Evaluate a saved policy.
 
     python -m utils.evaluate runs/<run>/<exp_name>.pt [--episodes 10] [--env-id ...] [--capture-video] [--stochastic]
+    python -m utils.evaluate --random-policy --env-id Hopper-v5 [--episodes 10] [--csv random.csv]
 
 The policy is rebuilt from the checkpoint alone, whichever of the three scripts wrote it: the actor's
 tanh MLP from the saved weights, the observation statistics applied frozen. It acts with the mean action
 (`--stochastic` samples from the Gaussian instead) and prints each episode's raw return and their
-mean and standard deviation.
+mean and standard deviation. `--random-policy` evaluates a uniformly random policy instead (actions drawn uniformly
+within the action bounds, the action space seeded with --seed): the reference for normalized scores. `--csv` also
+appends each episode's return to a CSV file (env_id, policy, episode, return).
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from dataclasses import dataclass
@@ -22,8 +26,8 @@ import tyro
 
 @dataclass
 class Args:
-    checkpoint: tyro.conf.Positional[str]
-    """a checkpoint written by a training script (`runs/<run>/<exp_name>.pt`)"""
+    checkpoint: tyro.conf.Positional[str | None] = None
+    """a checkpoint written by a training script (`runs/<run>/<exp_name>.pt`); none with --random-policy"""
     episodes: int = 10
     """the number of evaluation episodes"""
     env_id: str | None = None
@@ -34,6 +38,10 @@ class Args:
     """sample actions from the policy instead of taking its mean"""
     seed: int = 0
     """seed of the evaluation episodes"""
+    random_policy: bool = False
+    """evaluate a uniformly random policy on --env-id instead of a checkpoint"""
+    csv: str | None = None
+    """also append each episode's return to this CSV file (env_id, policy, episode, return)"""
 
 
 class Policy:
@@ -110,8 +118,45 @@ def evaluate(path: str, episodes: int = 10, env_id: str | None = None, capture_v
     return returns
 
 
+def random_policy_returns(env_id: str, episodes: int = 10, seed: int = 0) -> list[float]:
+    """The raw returns of `episodes` episodes (seeds seed, seed + 1, ...) of uniformly random actions within the bounds."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise ValueError(f"cannot make environment '{env_id}': {e}") from None
+    env.action_space.seed(seed)
+    returns = []
+    for episode in range(episodes):
+        env.reset(seed=seed + episode)
+        done, episodic_return = False, 0.0
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            episodic_return += float(reward)
+            done = terminated or truncated
+        returns.append(episodic_return)
+    env.close()
+    return returns
+
+
 def main(args: Args) -> None:
-    returns = evaluate(args.checkpoint, args.episodes, args.env_id, args.capture_video, args.stochastic, args.seed)
+    if args.episodes < 1:
+        raise ValueError("--episodes must be at least 1")
+    if args.random_policy != (args.checkpoint is None):
+        raise ValueError("give a checkpoint, or --random-policy with --env-id, not both")
+    if args.random_policy and args.env_id is None:
+        raise ValueError("--random-policy needs --env-id")
+    if args.random_policy:
+        returns = random_policy_returns(args.env_id, args.episodes, args.seed)
+    else:
+        returns = evaluate(args.checkpoint, args.episodes, args.env_id, args.capture_video, args.stochastic, args.seed)
+    if args.csv:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            rows = csv.writer(f)
+            if new:
+                rows.writerow(["env_id", "policy", "episode", "return"])
+            policy = "random" if args.random_policy else args.checkpoint
+            rows.writerows([args.env_id or load_checkpoint(args.checkpoint)["args"]["env_id"], policy, i, f"{r:.6g}"] for i, r in enumerate(returns))
     for episode, episodic_return in enumerate(returns):
         print(f"episode {episode}: return {episodic_return:.1f}")
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.1f} ± {np.std(returns):.1f}")

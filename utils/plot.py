@@ -34,6 +34,7 @@ import fnmatch
 import glob
 import os
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -67,6 +68,12 @@ class Args:
     """the learning curves' x axis: environment (simulator) steps, or iterations"""
     choose: tuple[str, ...] = ()
     """flags of a `utils.benchmark --grid` sweep: print the value with the highest mean normalized score (needs --reference)"""
+    compare: tuple[str, ...] = ()
+    """exp_names: compare the first with each other, per environment and across them (needs --random; the second normalizes)"""
+    random: str | None = None
+    """a CSV of random-policy returns (`utils.evaluate --random-policy --csv`), for --compare's normalized scores"""
+    reps: int = 50_000
+    """bootstrap resamples of every confidence interval of --compare"""
 
 
 @dataclass
@@ -81,6 +88,22 @@ class Run:
     length: float = float("nan")  # the mean length of the last 10 % of episodes
     eval: float = float("nan")  # the mean of eval/episodic_return: the final policy's mean action (`--save-model`)
     iterations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (points, 2): step at the end of an iteration, its number
+    binned: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (bins, 2): the learning curve on the shared grid
+    auc: float = float("nan")  # sample efficiency: the mean of `binned`, the area under the learning curve per step
+
+
+BIN = 10_000  # the shared grid of the sample-efficiency measure: bins of 10k environment steps
+
+
+def binned_curve(steps: np.ndarray, returns: np.ndarray, width: int = BIN) -> np.ndarray:
+    """(bins, 2): at g = width, 2 width, ... to the bin of the last episode, the mean raw return of the episodes that
+    ended in (g - width, g], or the previous bin's value where none did."""
+    index = np.ceil(steps / width).astype(int) - 1
+    counts, sums = np.bincount(index), np.bincount(index, returns)
+    values = np.divide(sums, counts, out=np.full(len(counts), np.nan), where=counts > 0)
+    for i in range(1, len(values)):
+        values[i] = values[i - 1] if counts[i] == 0 else values[i]
+    return np.stack([(np.arange(len(values)) + 1.0) * width, values], 1)
 
 
 def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
@@ -100,8 +123,9 @@ def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
     evals = [value for _, value in scalars.get("eval/episodic_return", [])]
     ends = [step for step, _ in scalars.get("charts/SPS", [])]  # logged once per iteration
     iterations = np.stack([ends, np.arange(1, len(ends) + 1)], 1) if ends else np.zeros((0, 2))
+    binned = binned_curve(steps, returns)
     return Run(parts[0], parts[1], int(parts[2]), np.stack([steps, running], 1), np.array(ratios).reshape(-1, 3), final, sps,
-               length, float(np.mean(evals)) if evals else float("nan"), iterations)  # fmt: skip
+               length, float(np.mean(evals)) if evals else float("nan"), iterations, binned, float(binned[:, 1].mean()))  # fmt: skip
 
 
 def load_runs(folder: str) -> list[Run]:
@@ -122,8 +146,8 @@ def downsample(points: np.ndarray, most: int = 200) -> np.ndarray:
 
 def export_runs(runs: list[Run], path: str) -> None:
     """A compact CSV of the runs, one row per point: kind `curve` (step, running mean), `ratio` (step,
-    max, min), `iteration` (step, iteration number), `final` (final return), `sps`, `length` (final episode length)
-    and `eval` (evaluation return)."""
+    max, min), `iteration` (step, iteration number), `binned` (step, the binned curve, every bin), `final` (final
+    return), `sps`, `length` (final episode length), `eval` (evaluation return) and `auc` (sample efficiency)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
@@ -133,9 +157,10 @@ def export_runs(runs: list[Run], path: str) -> None:
             out.writerows(key + ["curve", int(s), f"{v:.6g}", ""] for s, v in downsample(run.curve))
             out.writerows(key + ["ratio", int(s), f"{hi:.6g}", f"{lo:.6g}"] for s, hi, lo in downsample(run.ratios))
             out.writerows(key + ["iteration", int(s), int(i), ""] for s, i in downsample(run.iterations))
+            out.writerows(key + ["binned", int(s), f"{v:.6g}", ""] for s, v in run.binned)
             out.writerows([key + ["final", "", f"{run.final:.6g}", ""], key + ["sps", "", f"{run.sps:.6g}", ""]])
-            out.writerows(key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval))
-                          if not np.isnan(value))  # fmt: skip
+            out.writerows(key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval),
+                          ("auc", run.auc)) if not np.isnan(value))  # fmt: skip
 
 
 def read_runs_csv(path: str) -> list[Run]:
@@ -147,9 +172,10 @@ def read_runs_csv(path: str) -> list[Run]:
     for (env_id, exp_name, seed), kinds in rows.items():
         curve = np.array([(float(r["step"]), float(r["value"])) for r in kinds["curve"]]).reshape(-1, 2)
         ratios = np.array([(float(r["step"]), float(r["value"]), float(r["value2"])) for r in kinds["ratio"]]).reshape(-1, 3)
-        iterations = np.array([(float(r["step"]), float(r["value"])) for r in kinds["iteration"]]).reshape(-1, 2)
-        scalar = {kind: float(kinds[kind][0]["value"]) if kinds[kind] else float("nan") for kind in ("final", "sps", "length", "eval")}
-        runs.append(Run(env_id, exp_name, seed, curve, ratios, **scalar, iterations=iterations))
+        iterations, binned = (np.array([(float(r["step"]), float(r["value"])) for r in kinds[kind]]).reshape(-1, 2)
+                              for kind in ("iteration", "binned"))  # fmt: skip
+        scalar = {kind: float(kinds[kind][0]["value"]) if kinds[kind] else float("nan") for kind in ("final", "sps", "length", "eval", "auc")}
+        runs.append(Run(env_id, exp_name, seed, curve, ratios, **scalar, iterations=iterations, binned=binned))
     return runs
 
 
@@ -237,6 +263,132 @@ def aggregate_table(runs: list[Run], reference: str, reps: int = 50_000, seed: i
         mean = np.mean([complete[name][e].mean() for e in env_ids])
         rows.append(f"| {name} | {matrices[name].shape[0]} | {mean:.3f} | {iqm[name][0]:.3f} [{ci[name][0, 0]:.3f}, {ci[name][1, 0]:.3f}] |")
     return "\n".join(rows)
+
+
+def read_random_returns(path: str) -> dict[str, float]:
+    """env_id -> the mean return of a random policy's episodes, from a CSV of `utils.evaluate --random-policy --csv`."""
+    returns = defaultdict(list)
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                returns[row["env_id"]].append(float(row["return"]))
+    except (OSError, KeyError, ValueError):
+        raise SystemExit(f"error: '{path}' is not a CSV file of utils.evaluate --csv") from None
+    return {env_id: float(np.mean(values)) for env_id, values in returns.items()}
+
+
+METRICS = {"final": "final return", "eval": "evaluation return", "auc": "sample efficiency (AUC)"}
+
+
+def compare(runs: list[Run], names: tuple[str, ...], random: dict[str, float], reps: int = 50_000, seed: int = 0) -> tuple[str, dict]:
+    """The comparison of `names[0]` with each of `names[1:]`, per metric (METRICS): per environment, each algorithm's mean
+    over seeds with a 95 % bootstrap interval, and the differences of means with theirs and a verdict; across
+    environments, each algorithm's IQM of the scores normalized as (x - random) / (mean of `names[1]` - random), and
+    the probabilities of improvement, with 95 % stratified-bootstrap intervals. All by rliable's `get_interval_estimates`
+    (percentile, `reps` resamples, a RandomState(seed) per interval). Returns Markdown and the normalized final returns."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    # rliable hands `random_state` to arch, which warns that the argument will change; the intervals are unaffected.
+    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+
+    def interval(scores, func) -> tuple[float, float, float]:  # point estimate, low, high
+        point, ci = rly.get_interval_estimates({"x": scores}, func, reps=reps, random_state=np.random.RandomState(seed))
+        return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
+
+    groups = group(runs)
+    env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
+    if not env_ids or any(env_id not in random for env_id in env_ids):
+        raise SystemExit(f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each")
+    candidate, reference = names[0], names[1]
+
+    def fmt(x: float) -> str:
+        return f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3f}"
+
+    lines, normalized_final = [], {}
+    for metric, title in METRICS.items():
+        values = {e: {n: np.array([getattr(r, metric) for r in sorted(groups[e][n], key=lambda r: r.seed)]) for n in names} for e in env_ids}
+        if any(np.isnan(v).any() for by_name in values.values() for v in by_name.values()):
+            continue  # e.g. runs without --save-model have no evaluation return
+        diffs = [f"{candidate} − {b}" for b in names[1:]]
+        lines += [f"**{title}**, per environment: mean over seeds [95 % CI]; differences [95 % CI] and verdict", "",
+                  "| environment | " + " | ".join([*names, *(f"{d} | verdict" for d in diffs)]) + " |",
+                  "|---|" + "---:|" * len(names) + "---:|---|" * len(diffs)]  # fmt: skip
+        for e in env_ids:
+            cells = [" ".join([fmt(m), f"[{fmt(lo)}, {fmt(hi)}]"]) for m, lo, hi in
+                     (interval(values[e][n][:, None], lambda x: np.array([x.mean()])) for n in names)]  # fmt: skip
+            for b in names[1:]:
+                d, lo, hi = interval((values[e][candidate][:, None], values[e][b][:, None]), lambda x, y: np.array([x.mean() - y.mean()]))
+                cells += [f"{d:+,.1f} [{lo:+,.1f}, {hi:+,.1f}]", "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        # Across environments: (runs, environments) matrices over the seeds that every environment has.
+        runs_per_env = min(len(v) for by_name in values.values() for v in by_name.values())
+        raw = {n: np.stack([values[e][n][:runs_per_env] for e in env_ids], 1) for n in names}
+        scale = np.array([values[e][reference].mean() - random[e] for e in env_ids])
+        normalized = {n: (raw[n] - np.array([random[e] for e in env_ids])) / scale for n in names}
+        normalized_final = normalized_final or normalized
+        iqm = {n: interval(normalized[n], lambda x: np.array([metrics.aggregate_iqm(x)])) for n in names}
+        lines += ["", f"**{title}** across the {len(env_ids)} environments ({runs_per_env} runs each), normalized by {reference}:", "",
+                  "| algorithm | IQM [95 % CI] | P(" + candidate + " > algorithm) [95 % CI] | verdict |", "|---|---:|---:|---|"]  # fmt: skip
+        for n in names:
+            m, lo, hi = iqm[n]
+            if n == candidate:
+                lines.append(f"| {n} | {m:.3f} [{lo:.3f}, {hi:.3f}] | | |")
+                continue
+            p, plo, phi = interval((raw[candidate], raw[n]), lambda x, y: np.array([metrics.probability_of_improvement(x, y)]))
+            verdict = "beats" if plo > 0.5 else "loses" if phi < 0.5 else "ties (no detectable difference)"
+            if verdict == "beats" and iqm[candidate][1] > hi:
+                verdict += ", by a large margin (IQM intervals apart)"
+            lines.append(f"| {n} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {p:.3f} [{plo:.3f}, {phi:.3f}] | {candidate} {verdict} |")
+        lines.append("")
+    return "\n".join(lines), normalized_final
+
+
+def plot_comparison(runs: list[Run], names: tuple[str, ...], normalized_final: dict[str, np.ndarray], out: str,
+                    reps: int = 50_000, seed: int = 0) -> tuple[str, str]:  # fmt: skip
+    """`<out>_binned.png`: per environment, each algorithm's binned learning curve (the sample-efficiency grid), the mean
+    over seeds with a 95 % bootstrap band; `<out>_profiles.png`: rliable's performance profiles of the normalized final
+    returns, with their 95 % stratified-bootstrap bands. Returns the two paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rliable import library as rly
+    from rliable import plot_utils
+
+    groups = group(runs)
+    env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    ncols = min(len(env_ids), 3)
+    fig, axes = plt.subplots(-(-len(env_ids) // ncols), ncols, figsize=(5 * ncols, 4 * -(-len(env_ids) // ncols)), squeeze=False)
+    for ax in axes.flat[len(env_ids):]:
+        ax.set_visible(False)
+    for ax, env_id in zip(axes.flat, env_ids):
+        for name in names:
+            seeds = groups[env_id][name]
+            bins = min(len(run.binned) for run in seeds)
+            curves = np.stack([run.binned[:bins, 1] for run in seeds])[:, None, :]  # (runs, 1 task, bins): a run's curve moves whole
+            mean, ci = rly.get_interval_estimates({name: curves}, lambda x: x.mean(axis=0)[0], reps=reps, random_state=np.random.RandomState(seed))
+            steps = seeds[0].binned[:bins, 0]
+            ax.plot(steps, mean[name], color=colors[name], label=f"{name} ({len(seeds)} seeds)")
+            ax.fill_between(steps, ci[name][0], ci[name][1], color=colors[name], alpha=0.2)
+        ax.set(title=env_id, xlabel="environment steps", ylabel=f"episodic return (mean per {BIN:,} steps)")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    binned_out = os.path.splitext(out)[0] + "_binned.png"
+    fig.savefig(binned_out, dpi=120)
+
+    taus = np.linspace(min(0.0, min(v.min() for v in normalized_final.values())), max(v.max() for v in normalized_final.values()), 101)
+    profiles, profile_cis = rly.create_performance_profile(normalized_final, taus)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_cis, colors=colors, ax=ax,
+                                         xlabel=r"normalized final return $\tau$", labelsize="medium")  # fmt: skip
+    ax.legend([plt.Line2D([], [], color=colors[name]) for name in names], names, fontsize="small")
+    fig.tight_layout()
+    profiles_out = os.path.splitext(out)[0] + "_profiles.png"
+    fig.savefig(profiles_out, dpi=120)
+    plt.close("all")
+    return binned_out, profiles_out
 
 
 def choose(runs: list[Run], reference: str, flag: str) -> tuple[str, dict[str, float]]:
@@ -374,6 +526,12 @@ def main(args: Args) -> None:
     where = ", ".join(args.folders) + (f" matching {' '.join(patterns)}" if patterns else "")
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under {where}")
+    if args.compare and (len(args.compare) < 2 or args.random is None):
+        raise SystemExit("error: --compare takes two or more exp_names (the first is compared with the others) and needs --random")
+    missing = [name for name in args.compare if name not in {run.exp_name for run in runs}]
+    if missing:
+        raise SystemExit(f"error: no runs of --compare {' '.join(missing)} under {where}")
+    random = read_random_returns(args.random) if args.compare else {}
     for path in plot(runs, args.out, args.x):
         print(f"wrote {path}")
     if args.sensitivity:
@@ -394,6 +552,11 @@ def main(args: Args) -> None:
             print(f"\nchosen {flag}={grid_value(best, flag)[1]:g} ({best}), the highest mean normalized score ({others})")
     elif args.choose:
         raise SystemExit("error: --choose needs --reference")
+    if args.compare:
+        tables, normalized_final = compare(runs, args.compare, random, args.reps)
+        print("\n" + tables)
+        for path in plot_comparison(runs, args.compare, normalized_final, args.out, args.reps):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@
     python -m utils.speed --env-id Hopper-v5 --scripts trpo_continuous "trpo_continuous --sampling vine"
 
 Environment-only: one `gym.make` environment stepped with `action_space.sample()`, reset at episode
-ends, measured just before and just after each training run (the mean is the reference). Training: each script run as its own process with its default hyper-parameters and one torch
-thread; its SPS is the last `charts/SPS` it logged, and the rollout and update times per iteration
-are the means of `perf/rollout_time` and `perf/update_time`.
+ends, measured just before and just after each training run (the mean is the reference). Training: each script run as
+its own process with its default hyper-parameters (and any flags given) and one torch thread. Its SPS is the steady
+speed after the first iteration, whose update holds the compilation of the minibatch step (`--compile`, the default):
+(steps of iterations 2..n) / (their wall time), from the logged `charts/SPS`. The rollout and update times per
+iteration are the medians of `perf/rollout_time` and `perf/update_time`; "compile s" is the first iteration's update
+time less the median (about 0 with --no-compile).
 """
 
 from __future__ import annotations
@@ -63,25 +66,28 @@ def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
         env = os.environ | {"OMP_NUM_THREADS": "1"}
         subprocess.run(cmd, cwd=folder, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         scalars = read_scalars(glob.glob(os.path.join(folder, "runs", "*"))[0])
+    (first_step, first_sps), (last_step, last_sps) = scalars["charts/SPS"][0], scalars["charts/SPS"][-1]
+    updates = [v for _, v in scalars["perf/update_time"]]
     return {
-        "sps": scalars["charts/SPS"][-1][1],
-        "rollout_time": float(np.mean([v for _, v in scalars["perf/rollout_time"]])),
-        "update_time": float(np.mean([v for _, v in scalars["perf/update_time"]])),
+        "sps": (last_step - first_step) / (last_step / last_sps - first_step / first_sps),  # the run starts at step 0
+        "rollout_time": float(np.median([v for _, v in scalars["perf/rollout_time"]])),
+        "update_time": float(np.median(updates)),
+        "compile_time": updates[0] - float(np.median(updates)),
     }
 
 
 def main(args: Args) -> None:
     """Each script's SPS next to the mean of env-only measurements taken just before and just after it."""
     print(f"{args.env_id}, {args.steps} steps per measurement\n")
-    print("| script | SPS | env-only steps/s | % of env-only | rollout s/iter | update s/iter |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| script | SPS | env-only steps/s | % of env-only | rollout s/iter | update s/iter | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     before = env_only_sps(args.env_id, args.steps)
     for script in args.scripts:
         speed = training_speed(script, args.env_id, args.steps)
         after = env_only_sps(args.env_id, args.steps)
         reference, before = (before + after) / 2, after
         print(f"| {script} | {speed['sps']:,.0f} | {reference:,.0f} | {100 * speed['sps'] / reference:.1f} | "
-              f"{speed['rollout_time']:.3f} | {speed['update_time']:.3f} |", flush=True)  # fmt: skip
+              f"{speed['rollout_time']:.3f} | {speed['update_time']:.3f} | {speed['compile_time']:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -497,6 +498,7 @@ def train(args: Args) -> dict[str, float]:
         start_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
     checkpointing = args.save_model or args.checkpoint_interval > 0
+    check_writable(run_dir)
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)  # drop what was logged after the checkpoint
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -519,8 +521,8 @@ def train(args: Args) -> dict[str, float]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         normalizer.load_state_dict(checkpoint["normalizer"])
         torch.set_rng_state(checkpoint["rng"])
-        if torch.cuda.is_available() and checkpoint["cuda_rng"]:
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        if device.type == "cuda" and checkpoint["cuda_rng"]:  # the generator of the GPU that wrote it, if one did
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
         # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
         normalizer.discounted_return[:] = 0.0
 
@@ -532,7 +534,7 @@ def train(args: Args) -> dict[str, float]:
     progress = tqdm(initial=start_step, total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
     with stop_requests() as stop_requested:
         for iteration in range(start_iteration, num_iterations + 1):
-            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1) if checkpointing else None
+            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device) if checkpointing else None
             try:
                 lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.learning_rate
                 optimizer.param_groups[0]["lr"] = lr
@@ -551,7 +553,9 @@ def train(args: Args) -> dict[str, float]:
                 stats = update(agent, optimizer, batch, args, train_step)
                 update_end = time.perf_counter()
                 check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
-                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}, "after the update")  # fmt: skip
+                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}
+                             | {"the running observation mean or variance": np.concatenate([normalizer.obs_rms.mean, normalizer.obs_rms.var]),
+                                "the running return variance": normalizer.ret_rms.var}, "after the update")  # fmt: skip
 
                 sps = int((global_step - start_step) / (update_end - start_time))
                 stats |= {
@@ -576,7 +580,7 @@ def train(args: Args) -> dict[str, float]:
 
             stopped_by = stop_requested()
             if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
-                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration))
+                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
             if stopped_by:
                 break
 
@@ -586,9 +590,9 @@ def train(args: Args) -> dict[str, float]:
         print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
               + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
     elif checkpointing:
-        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, global_step // batch_size))
+        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, global_step // batch_size, device))
         if args.save_model:
-            evaluate_checkpoint(checkpoint_path, writer)
+            evaluate_checkpoint(checkpoint_path, writer, global_step)
     writer.close()
     return {"global_step": global_step, "mean_return": mean_return, "stopped_by": stopped_by}
 
@@ -618,8 +622,12 @@ def check_args(args: Args) -> None:
     batch_size = args.num_envs * args.num_steps
     max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))  # env i of iteration k: seed + k num_envs + i
     checks = [
+        ("/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
+         "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)"),
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
         (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
+        (max_seed < 0, f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
+                       "iteration k) must stay below 2^32"),
         (not 0 <= args.seed <= max_seed, f"--seed must be between 0 and {max_seed}"),
         (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
          f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
@@ -628,7 +636,9 @@ def check_args(args: Args) -> None:
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
         (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.learning_rate < inf, "--learning-rate must be positive and finite"),
-        (args.update_epochs < 1, "--update-epochs must be at least 1"),
+        (not 1 <= args.update_epochs <= 1000, "--update-epochs must be between 1 and 1000"),
+        (args.norm_adv != "none" and batch_size // (max(args.num_minibatches, 1) if args.norm_adv == "minibatch" else 1) < 2,
+         f"--norm-adv {args.norm_adv} cannot standardize the advantages of one sample (--num-minibatches, --num-steps)"),
         (not 0 < args.vf_coef < inf, "--vf-coef must be positive and finite"),
         (not 0 < args.max_grad_norm < inf, "--max-grad-norm must be positive and finite"),
         (not args.delta > 0, "--delta must be positive (inf: no cap)"),
@@ -673,14 +683,26 @@ def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
 
 
 def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
-                     global_step: int, iteration: int) -> dict:  # fmt: skip
-    """Everything needed to evaluate the policy or to continue the run, copied."""
+                     global_step: int, iteration: int, device: torch.device) -> dict:  # fmt: skip
+    """Everything needed to evaluate the policy or to continue the run, copied (of the random generators, the CPU's and
+    that of the GPU the run uses, if it uses one)."""
     return copy.deepcopy({
         "algo": "trefree_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
         "global_step": global_step, "iteration": iteration,
         "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng": torch.get_rng_state(), "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     })  # fmt: skip
+
+
+def check_writable(run_dir: str) -> None:
+    """Make the run directory (or find the resumed one) and write a file in it, or raise ArgsError: a run that could not
+    write its logs and checkpoint must fail before its first step, not after its last."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise ArgsError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
@@ -697,7 +719,8 @@ def load_checkpoint(path: str) -> dict:
         raise ArgsError(f"no checkpoint at '{path}'") from None
     except Exception:
         raise ArgsError(f"'{path}' is not a checkpoint") from None
-    if not isinstance(checkpoint, dict) or "algo" not in checkpoint:
+    keys = {"algo", "args", "global_step", "iteration", "model", "optimizer", "normalizer", "rng", "cuda_rng"}
+    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys() or not isinstance(checkpoint["args"], dict):
         raise ArgsError(f"'{path}' is not a checkpoint")
     if checkpoint["algo"] != "trefree_continuous":
         raise ArgsError(f"'{path}' is a checkpoint of {checkpoint['algo']}.py, not of trefree_continuous.py")
@@ -758,15 +781,17 @@ def compiled(step: Callable, device: torch.device) -> Callable:
     return run
 
 
-def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:
-    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here."""
+def evaluate_checkpoint(path: str, writer: SummaryWriter, global_step: int) -> None:
+    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here. The 10 returns
+    are logged at the steps after the run's last, so that resuming the run (to extend it, or with nothing left to train)
+    drops them with everything else logged after its checkpoint, and the log keeps one evaluation."""
     try:
         from utils.evaluate import evaluate
     except ImportError:
         print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
         return
     for i, episodic_return in enumerate(evaluate(path, episodes=10)):
-        writer.add_scalar("eval/episodic_return", episodic_return, i)
+        writer.add_scalar("eval/episodic_return", episodic_return, global_step + 1 + i)
 
 
 if __name__ == "__main__":

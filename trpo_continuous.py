@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -618,6 +619,7 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
         samples = {"obs": obs_k.flatten(0, 1), "actions": vine["actions"].flatten(0, 1), "logprobs": vine["logprobs"].flatten()}
     with torch.no_grad():
         mean_old, log_std_old = agent.actor_mean(obs), agent.actor_logstd.clone()
+        trunk_mean_old = agent.actor_mean(batch["obs"]) if vine is not None else None
 
     def kl() -> torch.Tensor:  # KL(pi_old(.|s) || pi_theta(.|s)) at each state s of the constraint
         return gaussian_kl(mean_old, log_std_old, agent.actor_mean(obs), agent.actor_logstd)
@@ -625,27 +627,30 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
     def mean_kl() -> torch.Tensor:  # the constraint of eq. (15): E_s[KL(pi_old(.|s) || pi_theta(.|s))]
         return kl().mean()
 
-    def max_kl() -> torch.Tensor:  # the constraint of eq. (12): max_s KL, over the states of the batch
+    def max_state_kl() -> torch.Tensor:  # the constraint of eq. (12): max_s KL, over the states of the batch
         return kl().max()
 
     g = torch.cat([p.flatten() for p in torch.autograd.grad(surrogate(), params)])
-    if args.fisher == "analytic":
-        fvp = analytic_fvp(mean_kl(), params, args.cg_damping)
+    if not g.any():  # a zero policy gradient (e.g. constant advantages, which standardize to 0): no direction to step in
+        steps, step_kl, improvement, cg_residual, step_norm = -1, 0.0, 0.0, 0.0, 0.0  # keep theta_old, as Baselines does
     else:
-        fvp = empirical_fvp(score_matrix(agent, samples["obs"], samples["actions"]), args.cg_damping)
-    step_dir, cg_residual = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ A^-1 g
-    if args.step_rule == "constraint":
-        beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = delta
-        full_step = beta * step_dir
-        constraint = mean_kl if args.kl_constraint == "mean" else max_kl  # max: the same direction, a stricter test
-        steps, step_kl, improvement = line_search(params, full_step, surrogate, constraint, args.max_kl, args.line_search_steps)
-        step_norm = 0.5 ** steps * full_step.norm().item() if steps >= 0 else 0.0
-    else:  # natural policy gradient with a fixed step size: no line search, no KL constraint
-        with torch.no_grad():
-            surrogate_old = surrogate().item()
-            vector_to_parameters(parameters_to_vector(params) + args.npg_step_size * step_dir, params)
-            steps, step_kl, improvement = 0, mean_kl().item(), surrogate().item() - surrogate_old
-        step_norm = args.npg_step_size * step_dir.norm().item()
+        if args.fisher == "analytic":
+            fvp = analytic_fvp(mean_kl(), params, args.cg_damping)
+        else:
+            fvp = empirical_fvp(score_matrix(agent, samples["obs"], samples["actions"]), args.cg_damping)
+        step_dir, cg_residual = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ A^-1 g
+        if args.step_rule == "constraint":
+            beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = delta
+            full_step = beta * step_dir
+            constraint = mean_kl if args.kl_constraint == "mean" else max_state_kl  # max: the same direction, a stricter test
+            steps, step_kl, improvement = line_search(params, full_step, surrogate, constraint, args.max_kl, args.line_search_steps)
+            step_norm = 0.5 ** steps * full_step.norm().item() if steps >= 0 else 0.0
+        else:  # natural policy gradient with a fixed step size: no line search, no KL constraint
+            with torch.no_grad():
+                surrogate_old = surrogate().item()
+                vector_to_parameters(parameters_to_vector(params) + args.npg_step_size * step_dir, params)
+                steps, step_kl, improvement = 0, mean_kl().item(), surrogate().item() - surrogate_old
+            step_norm = args.npg_step_size * step_dir.norm().item()
 
     batch_size = batch["obs"].shape[0]
     adam, lr = adam_state(optimizer), optimizer.param_groups[0]["lr"]
@@ -655,12 +660,16 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
             v_losses.append(step(agent, adam, {"obs": batch["obs"][indices], "returns": batch["returns"][indices]}, lr, args))
 
     with torch.no_grad():
-        policy_loss, largest_kl = -surrogate().item(), max_kl().item()
+        policy_loss, largest_kl = -surrogate().item(), max_state_kl().item()
     stats = {
         "losses/policy_loss": policy_loss, "losses/value_loss": torch.stack(v_losses).mean().item(),
         "losses/entropy": agent.entropy().item(), "losses/grad_norm": g.norm().item(), "trpo/kl": step_kl, "trpo/max_kl": largest_kl,
         "trpo/surrogate_improvement": improvement, "trpo/line_search_steps": steps, "trpo/cg_residual": cg_residual, "trpo/step_norm": step_norm,
     }  # fmt: skip
+    stats["trpo/zero_gradient"] = float(not g.any())
+    if vine is not None:  # the constraint bounds the KL over the rollout set's N states; this is the KL over the trunk's
+        with torch.no_grad():
+            stats["trpo/trunk_kl"] = gaussian_kl(trunk_mean_old, log_std_old, agent.actor_mean(batch["obs"]), agent.actor_logstd).mean().item()
     return stats | {k: v.item() for k, v in ratio_stats(agent, samples).items()}
 
 
@@ -707,6 +716,7 @@ def train(args: Args) -> dict[str, float]:
         start_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
     checkpointing = args.save_model or args.checkpoint_interval > 0
+    check_writable(run_dir)
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)  # drop what was logged after the checkpoint
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -732,8 +742,8 @@ def train(args: Args) -> dict[str, float]:
         optimizer.load_state_dict(checkpoint["optimizer"])
         normalizer.load_state_dict(checkpoint["normalizer"])
         torch.set_rng_state(checkpoint["rng"])
-        if torch.cuda.is_available() and checkpoint["cuda_rng"]:
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        if device.type == "cuda" and checkpoint["cuda_rng"]:  # the generator of the GPU that wrote it, if one did
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
         # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
         normalizer.discounted_return[:] = 0.0
 
@@ -747,7 +757,7 @@ def train(args: Args) -> dict[str, float]:
     with stop_requests() as stop_requested:
         while global_step + iteration_steps <= args.total_timesteps:
             iteration += 1
-            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1) if checkpointing else None
+            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device) if checkpointing else None
             try:
                 lr = args.vf_learning_rate * (1.0 - global_step / budget) if args.anneal_lr else args.vf_learning_rate
                 optimizer.param_groups[0]["lr"] = lr
@@ -782,7 +792,9 @@ def train(args: Args) -> dict[str, float]:
                     stats |= {"trpo/branch_steps": branch_steps, "trpo/q_spread": vine_batch["q_values"].std(1).mean().item()}
                 update_end = time.perf_counter()
                 check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
-                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}, "after the update")  # fmt: skip
+                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}
+                             | {"the running observation mean or variance": np.concatenate([normalizer.obs_rms.mean, normalizer.obs_rms.var]),
+                                "the running return variance": normalizer.ret_rms.var}, "after the update")  # fmt: skip
 
                 sps = int((global_step - start_step) / (update_end - start_time))
                 stats |= {
@@ -808,7 +820,7 @@ def train(args: Args) -> dict[str, float]:
 
             stopped_by = stop_requested()
             if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
-                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration))
+                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
             if stopped_by:
                 break
 
@@ -819,9 +831,9 @@ def train(args: Args) -> dict[str, float]:
         print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
               + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
     elif checkpointing:
-        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration))
+        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
         if args.save_model:
-            evaluate_checkpoint(checkpoint_path, writer)
+            evaluate_checkpoint(checkpoint_path, writer, global_step)
     writer.close()
     return {"global_step": global_step, "mean_return": mean_return, "stopped_by": stopped_by}
 
@@ -851,8 +863,12 @@ def check_args(args: Args) -> None:
     batch_size = args.num_envs * args.num_steps
     max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))  # env i of iteration k: seed + k num_envs + i
     checks = [
+        ("/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
+         "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)"),
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
         (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
+        (max_seed < 0, f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
+                       "iteration k) must stay below 2^32"),
         (not 0 <= args.seed <= max_seed, f"--seed must be between 0 and {max_seed}"),
         (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
          f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
@@ -861,8 +877,9 @@ def check_args(args: Args) -> None:
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
         (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.vf_learning_rate < inf, "--vf-learning-rate must be positive and finite"),
-        (args.vf_iters < 1 or args.cg_iters < 1 or args.line_search_steps < 1,
-         "--vf-iters, --cg-iters and --line-search-steps must be at least 1"),
+        (not (1 <= args.vf_iters <= 1000 and 1 <= args.cg_iters <= 1000 and 1 <= args.line_search_steps <= 60),
+         "--vf-iters and --cg-iters must be between 1 and 1000, --line-search-steps between 1 and 60 (0.5^60 ~ 1e-18)"),
+        (args.norm_adv and batch_size < 2, "--norm-adv cannot standardize the advantages of a batch of one sample"),
         (not 0 < args.max_kl < inf or not 0 < args.npg_step_size < inf, "--max-kl and --npg-step-size must be positive and finite"),
         (not 0 <= args.cg_damping < inf, "--cg-damping must be 0 or positive, and finite"),
         (args.sampling == "vine" and not 1 <= args.vine_states <= batch_size,
@@ -915,14 +932,26 @@ def check_env(env_id: str, env_kwargs: dict, restorable: bool = False) -> tuple[
 
 
 def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
-                     global_step: int, iteration: int) -> dict:  # fmt: skip
-    """Everything needed to evaluate the policy or to continue the run, copied."""
+                     global_step: int, iteration: int, device: torch.device) -> dict:  # fmt: skip
+    """Everything needed to evaluate the policy or to continue the run, copied (of the random generators, the CPU's and
+    that of the GPU the run uses, if it uses one)."""
     return copy.deepcopy({
         "algo": "trpo_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
         "global_step": global_step, "iteration": iteration,
         "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-        "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng": torch.get_rng_state(), "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     })  # fmt: skip
+
+
+def check_writable(run_dir: str) -> None:
+    """Make the run directory (or find the resumed one) and write a file in it, or raise ArgsError: a run that could not
+    write its logs and checkpoint must fail before its first step, not after its last."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise ArgsError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
@@ -939,7 +968,8 @@ def load_checkpoint(path: str) -> dict:
         raise ArgsError(f"no checkpoint at '{path}'") from None
     except Exception:
         raise ArgsError(f"'{path}' is not a checkpoint") from None
-    if not isinstance(checkpoint, dict) or "algo" not in checkpoint:
+    keys = {"algo", "args", "global_step", "iteration", "model", "optimizer", "normalizer", "rng", "cuda_rng"}
+    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys() or not isinstance(checkpoint["args"], dict):
         raise ArgsError(f"'{path}' is not a checkpoint")
     if checkpoint["algo"] != "trpo_continuous":
         raise ArgsError(f"'{path}' is a checkpoint of {checkpoint['algo']}.py, not of trpo_continuous.py")
@@ -1000,15 +1030,17 @@ def compiled(step: Callable, device: torch.device) -> Callable:
     return run
 
 
-def evaluate_checkpoint(path: str, writer: SummaryWriter) -> None:
-    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here."""
+def evaluate_checkpoint(path: str, writer: SummaryWriter, global_step: int) -> None:
+    """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here. The 10 returns
+    are logged at the steps after the run's last, so that resuming the run (to extend it, or with nothing left to train)
+    drops them with everything else logged after its checkpoint, and the log keeps one evaluation."""
     try:
         from utils.evaluate import evaluate
     except ImportError:
         print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
         return
     for i, episodic_return in enumerate(evaluate(path, episodes=10)):
-        writer.add_scalar("eval/episodic_return", episodic_return, i)
+        writer.add_scalar("eval/episodic_return", episodic_return, global_step + 1 + i)
 
 
 if __name__ == "__main__":

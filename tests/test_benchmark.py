@@ -2,6 +2,8 @@
 SLURM path through submitit (its local executor here, and the submission it would make on a cluster)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -44,7 +46,8 @@ def test_local_sweep_runs_skips_finished_jobs_and_resumes_interrupted_ones(tmp_p
     os.remove(sweep / "done" / "InvertedPendulum-v5__ppo_continuous__1")
     job = benchmark.Job("ppo", "InvertedPendulum-v5", 1)
     command = benchmark.job_command(job, args, TINY, str(sweep))
-    assert command[-2] == "--resume" and command[-1].startswith("runs/InvertedPendulum-v5__ppo_continuous__1__")
+    resume = command.index("--resume")  # the run's own arguments, and those after `--` (e.g. --no-compile)
+    assert command[resume + 1].startswith("runs/InvertedPendulum-v5__ppo_continuous__1__") and command[resume + 2 :] == TINY
     assert benchmark.main(args, TINY) == 0
     assert capsys.readouterr().out.startswith("4 jobs, 3 already done, 1 to run (local)")
     assert len(os.listdir(sweep / "runs")) == 4  # resumed in its own run directory, not started again
@@ -138,3 +141,25 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert names == ["InvertedPendulum-v5__trefree_continuous_delta0.1__1", "InvertedPendulum-v5__trefree_continuous_delta0.3__1",
                      "InvertedPendulum-v5__ppo_continuous_clip-coef0.3__1", "InvertedPendulum-v5__trpo_continuous__1"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["utils.plot", "no-such-folder"], "error: no runs with episodic returns under no-such-folder"),
+        (["utils.plot", "."], "error: no runs with episodic returns under ."),
+        (["utils.benchmark", "--workers", "0", "--out-dir", "sweep"], "error: --workers must be at least 1"),
+        (["utils.benchmark", "--total-timesteps", "0", "--out-dir", "sweep"], "error: --total-timesteps must be at least 1"),
+        (["utils.speed", "--env-id", "Nope-v0"], "error: cannot make environment 'Nope-v0'"),
+        (["utils.speed", "--steps", "0"], "error: --steps must be at least 1"),
+        (["utils.speed", "--scripts", "sac_continuous"], "error: no training script 'sac_continuous'"),
+        (["utils.evaluate", "--episodes", "0", "x.pt"], "error: --episodes must be at least 1"),
+        (["utils.evaluate", "--random-policy"], "error: --random-policy needs --env-id"),
+    ],
+)
+def test_utils_commands_refuse_bad_input_with_one_line_and_exit_code_2(tmp_path, argv, message):
+    env = os.environ | {"PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0] and result.stderr.startswith(message), result.stderr
+    assert os.listdir(tmp_path) == []  # nothing written

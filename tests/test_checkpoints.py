@@ -45,9 +45,23 @@ def test_evaluation_rebuilds_the_policy_with_the_training_statistics_frozen(algo
         expected = agent.actor_mean(torch.from_numpy(normalizer.obs(obs, update=False))).numpy()
     np.testing.assert_allclose(policy.mean_action(obs), expected, rtol=1e-5, atol=1e-6)
 
-    returns = evaluation.evaluate(path, episodes=3)
-    assert len(returns) == 3 and all(r > 0 for r in returns)
-    np.testing.assert_array_equal(policy.obs_mean, normalizer.obs_rms.mean)  # frozen: evaluation changed nothing
+    # Frozen: the statistics that the evaluation's own normalization reads, before and after every episode.
+    seen = []
+    normalize = evaluation.Policy.normalize
+
+    def spy(self, obs):
+        seen.append((self.obs_mean.copy(), self.obs_var.copy()))
+        return normalize(self, obs)
+
+    evaluation.Policy.normalize = spy
+    try:
+        returns = evaluation.evaluate(path, episodes=3)
+    finally:
+        evaluation.Policy.normalize = normalize
+    assert len(returns) == 3 and len(seen) >= 3
+    for mean, var in seen:
+        np.testing.assert_array_equal(mean, normalizer.obs_rms.mean)
+        np.testing.assert_array_equal(var, normalizer.obs_rms.var)
     assert len(read_scalars(run_dir)["eval/episodic_return"]) == 10  # the script evaluated its final checkpoint
     with pytest.raises(ValueError, match=r"Hopper-v5 has observations of shape \(11,\); the policy takes \(4,\)"):
         evaluation.evaluate(path, episodes=1, env_id="Hopper-v5")
@@ -118,6 +132,19 @@ def test_a_finished_run_resumed_with_a_larger_total_equals_a_longer_run(algo):
         torch.testing.assert_close(extended["model"][key], straight["model"][key], rtol=0, atol=0)
 
 
+def test_a_finished_run_resumed_or_extended_keeps_one_evaluation(algo):
+    """The final evaluation is logged after the run's last step, so that a resume drops it with everything logged after
+    the checkpoint: resuming a finished run (nothing left to train) or extending it leaves one evaluation in the log,
+    that of the policy it ends with."""
+    algo.train(_aligned_args(algo, total_timesteps=2 * 64, save_model=True))
+    run_dir, path = only_run_dir(), os.path.join(only_run_dir(), f"{algo.__name__}.pt")
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == list(range(2 * 64 + 1, 2 * 64 + 11))
+    algo.train(algo.Args(resume=path))  # finished: nothing to train, evaluated again
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == list(range(2 * 64 + 1, 2 * 64 + 11))
+    algo.train(algo.Args(resume=path, total_timesteps=4 * 64))  # extended: evaluated at its new end, once
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == list(range(4 * 64 + 1, 4 * 64 + 11))
+
+
 def test_an_extended_run_anneals_the_learning_rate_over_its_new_total(algo):
     lr_name = "vf_learning_rate" if algo.__name__ == "trpo_continuous" else "learning_rate"
     algo.train(_aligned_args(algo, anneal_lr=True, save_model=True, total_timesteps=2 * 64))
@@ -172,8 +199,9 @@ def test_resume_refuses_another_scripts_checkpoint_and_non_checkpoints(tmp_path,
     module.train(_aligned_args(module, total_timesteps=64, save_model=True))
     foreign = os.path.join(only_run_dir(), f"{other}.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    torch.save({"algo": script}, tmp_path / "partial.pt")  # has "algo", lacks the rest
     for path, message in [(foreign, f"is a checkpoint of {other}.py, not of {script}.py"), ("notes.txt", "is not a checkpoint"),
-                          ("missing.pt", "no checkpoint at")]:  # fmt: skip
+                          ("missing.pt", "no checkpoint at"), ("partial.pt", "'partial.pt' is not a checkpoint")]:  # fmt: skip
         result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", path],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr

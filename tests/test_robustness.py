@@ -53,18 +53,26 @@ def _bad_args(name):
         (dict(env_kwargs=("include_cfrc_ext_in_observation",)), "--env-kwargs takes KEY=VALUE, not 'include_cfrc_ext_in_observation'"),
         (dict(env_kwargs=("1x=2",)), "--env-kwargs takes KEY=VALUE, not '1x=2'"),
         (dict(env_id="Hopper-v5", env_kwargs=("foo=1",)), "cannot make environment 'Hopper-v5': "),
+        (dict(exp_name="a/b"), "--exp-name must be a plain name, without '/' or '__'"),
+        (dict(exp_name="a__b"), "--exp-name must be a plain name, without '/' or '__'"),
+        (dict(total_timesteps=10**18), "--total-timesteps 1000000000000000000 is too many: the environments' seeds"),
     ]
     if name != "trpo_continuous":
         cases += [(dict(vf_coef=-1.0), "--vf-coef must be positive and finite"), (dict(max_grad_norm=float("inf")), "--max-grad-norm must be positive and finite"),
                   (dict(target_kl=float("nan")), "--target-kl must be positive and finite")]  # fmt: skip
+    if name != "trpo_continuous":
+        cases += [(dict(update_epochs=10**9), "--update-epochs must be between 1 and 1000"), (dict(update_epochs=0), "--update-epochs must be between 1 and 1000")]
     if name == "ppo_continuous":
-        cases += [(dict(clip_coef=float("inf")), "--clip-coef must be positive and finite"), (dict(clip_coef=0.0), "--clip-coef must be positive and finite")]
+        cases += [(dict(clip_coef=float("inf")), "--clip-coef must be positive and finite"), (dict(clip_coef=0.0), "--clip-coef must be positive and finite"),
+                  (dict(num_steps=64, num_minibatches=64), "--num-minibatches 64 leaves one sample per minibatch, whose advantage --norm-adv cannot")]  # fmt: skip
     if name == "trefree_continuous":
         cases += [(dict(delta=0.0), "--delta must be positive (inf: no cap)"), (dict(delta=-0.01), "--delta must be positive"),
-                  (dict(delta=float("nan")), "--delta must be positive"), (dict(ratio_clip=float("inf")), "--ratio-clip and --vf-clip-coef must be positive and finite")]  # fmt: skip
+                  (dict(delta=float("nan")), "--delta must be positive"), (dict(ratio_clip=float("inf")), "--ratio-clip and --vf-clip-coef must be positive and finite"),
+                  (dict(num_steps=64, num_minibatches=64, norm_adv="minibatch"), "--norm-adv minibatch cannot standardize the advantages of one sample")]  # fmt: skip
     if name == "trpo_continuous":
         cases += [(dict(max_kl=0.0), "--max-kl and --npg-step-size must be positive"), (dict(max_kl=-1.0), "--max-kl and --npg-step-size must be positive"),
-                  (dict(max_kl=float("inf")), "--max-kl and --npg-step-size must be positive and finite"), (dict(cg_damping=float("nan")), "--cg-damping must be 0 or positive")]  # fmt: skip
+                  (dict(max_kl=float("inf")), "--max-kl and --npg-step-size must be positive and finite"), (dict(cg_damping=float("nan")), "--cg-damping must be 0 or positive"),
+                  (dict(cg_iters=10**6), "--vf-iters and --cg-iters must be between 1 and 1000"), (dict(line_search_steps=100), "--line-search-steps between 1 and 60")]  # fmt: skip
     return cases
 
 
@@ -181,3 +189,51 @@ def test_same_seed_with_several_environments_gives_the_same_run(algo):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     returns = [[v for _, v in read_scalars(only_run_dir(f"runs/*__{n}__*"))["charts/episodic_return"]] for n in "ab"]
     assert returns[0] == returns[1] and len(returns[0]) > 10
+
+
+def test_minibatches_of_two_samples_still_train(algo):
+    """The smallest minibatch that --norm-adv can standardize is allowed (TRPO's value minibatches of one sample too)."""
+    algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=64, num_steps=64, num_minibatches=32))
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_training(algo, tmp_path, monkeypatch):
+    (tmp_path / "runs").write_text("a file where the runs folder would go")
+    with pytest.raises(algo.ArgsError, match=r"cannot write to the run directory runs/InvertedPendulum-v5__"):
+        algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=64, num_steps=64, num_minibatches=2))
+    # a resumed run whose directory has become read-only (simulated: root may write anywhere) is refused before it trains
+    (tmp_path / "runs").unlink()
+    algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=64, num_steps=64, num_minibatches=2, checkpoint_interval=1))
+    path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
+    before = os.path.getmtime(path)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(algo.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(algo.ArgsError, match="cannot write to the run directory .*: Permission denied"):
+        algo.train(algo.Args(resume=path, total_timesteps=128))
+    assert os.path.getmtime(path) == before
+
+
+def test_non_finite_normalization_statistics_stop_training(algo):
+    """Observations of ~1e300 overflow the running variance to inf while every normalized observation, clipped to +-10,
+    stays finite: the statistics themselves are checked, and the run stops (exit 3) instead of saving them."""
+    args = algo.Args(env_id="InvertedPendulum-v5", env_kwargs=("reset_noise_scale=1e300",), total_timesteps=128, num_steps=64,
+                     num_minibatches=2, save_model=True)  # fmt: skip
+    with pytest.raises(algo.NumericalFault, match="iteration 1: the running observation mean or variance is not finite after the update"):
+        algo.train(args)
+
+
+def test_no_cuda_never_touches_a_gpu(algo, monkeypatch):
+    """With --no-cuda (or no GPU) the checkpoint holds no GPU generator state, and nothing asks the GPUs for theirs."""
+
+    def no_gpu_call(*args, **kwargs):
+        raise AssertionError("a CUDA generator was read")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_gpu_call)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_gpu_call)
+    algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=128, num_steps=64, num_minibatches=2, cuda=False, save_model=True))
+    path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
+    assert torch.load(path, weights_only=True)["cuda_rng"] == []
+    algo.train(algo.Args(resume=path, total_timesteps=192, cuda=False))

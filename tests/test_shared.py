@@ -122,8 +122,29 @@ def test_rollout_keeps_every_acted_step_and_bootstraps_from_the_final_observatio
     envs = algo.make_envs(COUNTER_ID, num_envs=1)
     normalizer = algo.Normalizer(obs_dim=1, num_envs=1, gamma=0.99)
     obs = normalizer.obs(envs.reset(seed=0)[0])
-    batch, _, episodes = algo.rollout(envs, algo.Agent(1, 1), normalizer, obs, num_steps=16)
+    agent = algo.Agent(1, 1, init_log_std=1.0)  # sigma = e: most sampled actions fall outside the bounds [-1, 1]
+    torch.manual_seed(5)
+    batch, _, episodes = algo.rollout(envs, agent, normalizer, obs, num_steps=16)
     envs.close()
+
+    # Actions: the sampled a = mu(s) + sigma eps (eps the CPU generator's first draw), stored as sampled, not clipped.
+    torch.manual_seed(5)
+    eps = torch.randn((16, 1, 1))
+    with torch.no_grad():
+        expected_actions = agent.actor_mean(torch.from_numpy(batch["obs"])) + agent.actor_logstd.exp() * eps
+    np.testing.assert_allclose(batch["actions"], expected_actions.numpy(), rtol=1e-5, atol=1e-6)
+    assert (np.abs(batch["actions"]) > 1).sum() >= 8
+    # Rewards: 1 per step, divided by the running std of the discounted return G (G = gamma G + r, reset after an episode
+    # ends), whose variance in closed form is the Chan et al. merge of the prior (mean 0, var 1, count 1e-4) and the G's.
+    returns, discounted, ends = [], 0.0, {4, 7, 12, 15}
+    for t in range(16):
+        discounted = 0.99 * discounted + 1.0
+        returns.append(discounted)
+        g = np.array(returns)
+        mean = g.sum() / (1e-4 + len(g))
+        var = (1e-4 * (1 + mean**2) + ((g - mean) ** 2).sum()) / (1e-4 + len(g))
+        assert batch["rewards"][t, 0] == pytest.approx(min(1 / np.sqrt(var + 1e-8), 10.0), rel=1e-5), t
+        discounted = 0.0 if t in ends else discounted
 
     # Replay the raw observation stream through a fresh normalizer: the reference for every entry.
     reference = algo.Normalizer(obs_dim=1, num_envs=1, gamma=0.99)

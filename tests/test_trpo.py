@@ -1,6 +1,10 @@
 """TRPO's own pieces against independent references: conjugate gradient, the Fisher-vector products
 (an explicit Hessian, a dense score matrix), the analytic KL, and the line search's guarantees."""
 
+import math
+
+import numpy as np
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -135,3 +139,64 @@ def test_penalty_step_rule_takes_a_fixed_natural_gradient_step():
     # CG stops once its residual norm is below 1e-5 (||r||^2 < 1e-10); g itself has norm ~0.1 here.
     assert ((hessian + 0.1 * identity) @ step / 0.5 - g).norm() < 2e-5 and g.norm() > 1e-2
     assert stats["trpo/line_search_steps"] == 0 and stats["trpo/step_norm"] == pytest.approx(step.norm().item())
+
+
+@pytest.mark.parametrize("step_rule", ["constraint", "penalty"])
+def test_a_zero_policy_gradient_skips_the_policy_step(step_rule):
+    """Constant advantages standardize to exactly 0, so g = 0 and conjugate gradient would divide 0 by 0 (NaN parameters
+    with --step-rule penalty, a NaN residual with the line search). The step is skipped instead, as Baselines does ("Got
+    zero gradient. not updating"): theta unchanged, every statistic finite, and `trpo/zero_gradient` says so."""
+    agent = _tiny_agent()
+    batch = {"obs": torch.randn(64, 3), "actions": torch.randn(64, 2), "advantages": torch.full((64,), 2.0),
+             "values": torch.zeros(64), "returns": torch.randn(64)}  # fmt: skip
+    batch = {k: v.double() for k, v in batch.items()}
+    with torch.no_grad():
+        batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
+    theta_old = parameters_to_vector(agent.policy_parameters()).detach().clone()
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, trpo.Args(step_rule=step_rule, num_minibatches=4, vf_iters=1))
+    assert torch.equal(parameters_to_vector(agent.policy_parameters()).detach(), theta_old)
+    assert stats["trpo/zero_gradient"] == 1.0 and stats["trpo/line_search_steps"] == -1 and stats["losses/grad_norm"] == 0.0
+    assert all(math.isfinite(value) for value in stats.values()), stats
+
+
+def test_the_full_step_has_quadratic_kl_delta_and_its_measured_kl_is_close():
+    """beta = sqrt(2 delta / s^T A s) makes the full step's quadratic KL, 1/2 (beta s)^T H (beta s) with H the explicit
+    Hessian of the mean KL, equal delta (damping 0, so that A = H); on a small step the measured KL agrees to second order."""
+    agent = _tiny_agent()
+    torch.manual_seed(3)
+    batch = {"obs": torch.randn(64, 3), "actions": torch.randn(64, 2), "advantages": torch.randn(64), "values": torch.zeros(64),
+             "returns": torch.randn(64)}  # fmt: skip
+    batch = {k: v.double() for k, v in batch.items()}
+    with torch.no_grad():
+        batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
+    hessian = _kl_hessian(agent, batch["obs"])
+    theta_old = parameters_to_vector(agent.policy_parameters()).detach().clone()
+    delta = 1e-8  # small: the KL's terms beyond the quadratic (~sqrt(delta) relative) vanish
+    args = trpo.Args(max_kl=delta, cg_damping=0.0, cg_iters=100, num_minibatches=4, vf_iters=1)
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    assert stats["trpo/line_search_steps"] == 0  # the full step was taken
+    step = parameters_to_vector(agent.policy_parameters()).detach() - theta_old
+    assert (0.5 * step @ hessian @ step).item() == pytest.approx(delta, rel=1e-6)
+    assert stats["trpo/kl"] == pytest.approx(delta, rel=0.01)  # the measured (analytic) KL of the step; a step aimed at delta/4 fails
+
+
+def test_vine_q_values_against_hand_computed_ones():
+    """Q(s_n, a_nk) = the branch's discounted normalized return + gamma^T V(last observation), with no bootstrap after a
+    termination (discount 0): with V = 2 everywhere (a critic that outputs its bias), each Q is return + 2 discount."""
+    agent = trpo.Agent(3, 2)
+    with torch.no_grad():
+        last = agent.critic[-1]
+        last.weight.zero_()
+        last.bias.fill_(2.0)
+    gamma = 0.9
+    vine = {
+        "obs": np.zeros((2, 3), np.float32), "actions": np.zeros((2, 2, 2), np.float32),
+        # state 0: branch 0 ran the horizon of 3 steps (rewards 1, 1, 1), branch 1 terminated after 2 steps (rewards 1, 1)
+        # state 1: branch 0 reached the time limit after 1 step (reward 5), branch 1 terminated at once (reward -1)
+        "returns": np.array([[1 + gamma + gamma**2, 1 + gamma], [5.0, -1.0]], np.float32),
+        "bootstrap_obs": np.ones((2, 2, 3), np.float32),
+        "bootstrap_discount": np.array([[gamma**3, 0.0], [gamma, 0.0]], np.float32),
+    }  # fmt: skip
+    q = trpo.make_vine_batch(agent, vine, torch.device("cpu"))["q_values"]
+    expected = [[1 + gamma + gamma**2 + 2 * gamma**3, 1 + gamma], [5.0 + 2 * gamma, -1.0]]
+    torch.testing.assert_close(q, torch.tensor(expected), rtol=1e-6, atol=1e-6)

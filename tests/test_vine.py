@@ -154,6 +154,8 @@ def test_every_simulator_step_of_trunk_and_branches_counts_in_the_global_step():
     scalars = read_scalars(only_run_dir())
     branch_steps = [value for _, value in scalars["trpo/branch_steps"]]
     assert len(branch_steps) == 3 and STEPS["count"] == 3 * 256 + sum(branch_steps)
+    # the KL over the trunk's states after each step (the constraint bounds it over the rollout set's only): logged, >= 0
+    assert len(scalars["trpo/trunk_kl"]) == 3 and all(0 <= value < float("inf") for _, value in scalars["trpo/trunk_kl"])
     assert [step for step, _ in scalars["charts/SPS"]][-1] == summary["global_step"]
 
 

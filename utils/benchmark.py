@@ -34,6 +34,8 @@ from typing import Literal
 
 import tyro
 
+from utils.logs import one_line_errors
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -151,7 +153,8 @@ def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[st
     script = os.path.join(ROOT, f"{job.script}.py")
     checkpoint = latest_checkpoint(job, out_dir)
     if checkpoint is not None:
-        return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir)]
+        # the run keeps its own arguments; those after `--` still reach it (a resumed run takes --cuda and --compile)
+        return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir), *extra]
     steps = ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
     flags = [word for flag, value in job.flags for word in (f"--{flag}", value)]
     return [sys.executable, script, "--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.exp_name,
@@ -226,6 +229,12 @@ def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict
 def main(args: Args, extra: list[str]) -> int:
     if "--exp-name" in extra or "--resume" in extra:
         raise SystemExit("error: --exp-name and --resume are set by the runner, not after --")
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    if args.total_timesteps is not None and args.total_timesteps < 1:
+        raise SystemExit("error: --total-timesteps must be at least 1 (or left out: each script's own)")
+    if args.checkpoint_interval < 0:
+        raise SystemExit("error: --checkpoint-interval must be 0 or positive")
     out_dir = os.path.abspath(args.out_dir)
     jobs = make_jobs(args)
     in_csv = runs_in_csv(args.skip_runs_in)
@@ -256,4 +265,5 @@ def main(args: Args, extra: list[str]) -> int:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
-    sys.exit(main(tyro.cli(Args, args=argv[:split]), argv[split + 1 :]))
+    with one_line_errors():
+        sys.exit(main(tyro.cli(Args, args=argv[:split]), argv[split + 1 :]))

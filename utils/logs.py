@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -15,3 +17,16 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every event
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """For a `utils` command's `__main__`: a `SystemExit("error: ...")` raised for bad input leaves with exit code 2, as
+    the training scripts do (Python's own exit code for a message is 1); other exits pass through."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise

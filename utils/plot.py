@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 import tyro
 
-from utils.logs import read_scalars
+from utils.logs import one_line_errors, read_scalars
 
 
 @dataclass
@@ -560,4 +560,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with one_line_errors():
+        main(tyro.cli(Args))

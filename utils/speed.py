@@ -27,7 +27,7 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-from utils.logs import read_scalars
+from utils.logs import one_line_errors, read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("ppo_continuous", "trefree_continuous", "trpo_continuous")
@@ -78,6 +78,16 @@ def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
 
 def main(args: Args) -> None:
     """Each script's SPS next to the mean of env-only measurements taken just before and just after it."""
+    if args.steps < 1:
+        raise SystemExit("error: --steps must be at least 1")
+    for script in args.scripts:
+        name = (shlex.split(script) or [""])[0]
+        if not os.path.exists(os.path.join(ROOT, f"{name}.py")):
+            raise SystemExit(f"error: no training script '{name}' (one of {', '.join(SCRIPTS)}, then any flags)")
+    try:
+        gym.make(args.env_id).close()
+    except Exception as e:
+        raise SystemExit(f"error: cannot make environment '{args.env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     print(f"{args.env_id}, {args.steps} steps per measurement\n")
     print("| script | SPS | env-only steps/s | % of env-only | rollout s/iter | update s/iter | compile s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -91,4 +101,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with one_line_errors():
+        main(tyro.cli(Args))

@@ -700,6 +700,7 @@ def train(args: Args) -> dict[str, float]:
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs, restorable=args.sampling == "vine")
+    check_memory(args.num_envs * args.num_steps, obs_dim, act_dim)
     batch_size = args.num_envs * args.num_steps
     vine = args.sampling == "vine"
     # An iteration runs the trunk (single path: the whole batch) and, with vine, up to N K H branch steps; every
@@ -903,6 +904,8 @@ def parse_env_kwargs(items: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
             raise ArgsError(f"--env-kwargs takes KEY=VALUE, not '{item}'")
+        if key == "render_mode":  # the scripts' own: rgb_array with --capture-video, else none (human needs a display)
+            raise ArgsError("--env-kwargs cannot set render_mode: the script sets it (--capture-video records rgb_array frames)")
         try:
             kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
         except (ValueError, SyntaxError):
@@ -921,7 +924,12 @@ def check_env(env_id: str, env_kwargs: dict, restorable: bool = False) -> tuple[
     except Exception as e:  # a missing dependency, a bad entry point, ...
         raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     obs_space, act_space, base = env.observation_space, env.action_space, env.unwrapped
-    env.close()
+    try:
+        env.reset(seed=0)  # an environment that builds but cannot reset is refused here, not in the middle of a run
+    except Exception as e:
+        raise ArgsError(f"cannot reset environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        env.close()
     if restorable and not isinstance(base, MujocoEnv):
         raise ArgsError(f"--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only; {env_id} is not one")
     if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
@@ -941,6 +949,17 @@ def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer:
         "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
         "rng": torch.get_rng_state(), "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     })  # fmt: skip
+
+
+def check_memory(batch_size: int, obs_dim: int, act_dim: int) -> None:
+    """Refuse a batch that cannot fit in this machine's memory, before anything is built (ArgsError). Per step the
+    rollout keeps 2 observations, an action and 3 scalars in float32, and the batch holds about two more copies of them
+    as tensors (on the update's device, flattened and indexed)."""
+    needed = 3 * 4 * batch_size * (2 * obs_dim + act_dim + 3)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ArgsError(f"a batch of {batch_size:,} steps needs about {needed / 2**30:,.0f} GiB; this machine has {available / 2**30:,.0f} GiB "
+                        "(--num-envs x --num-steps)")  # fmt: skip
 
 
 def check_writable(run_dir: str) -> None:

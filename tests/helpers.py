@@ -91,6 +91,16 @@ class DictObservation(gym.Env):
     action_space = gym.spaces.Box(-1.0, 1.0, (1,))
 
 
-for env_id, entry_point in [("tests/NaNAfter-v0", NaNAfter), ("tests/DictObservation-v0", DictObservation)]:
+class BrokenReset(gym.Env):
+    """Builds, but fails at its first reset: refused before any run directory is made."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,))
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,))
+
+    def reset(self, *, seed=None, options=None):
+        raise RuntimeError("the simulator failed to start")
+
+
+for env_id, entry_point in [("tests/NaNAfter-v0", NaNAfter), ("tests/DictObservation-v0", DictObservation), ("tests/BrokenReset-v0", BrokenReset)]:
     if env_id not in gym.registry:
         gym.register(env_id, entry_point=entry_point)

@@ -163,3 +163,14 @@ def test_utils_commands_refuse_bad_input_with_one_line_and_exit_code_2(tmp_path,
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == result.stderr.strip().splitlines()[0] and result.stderr.startswith(message), result.stderr
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_plot_names_a_corrupt_event_file_instead_of_skipping_it(tmp_path):
+    run_dir = tmp_path / "runs" / "Hopper-v5__ppo_continuous__1__1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "events.out.tfevents.1.host").write_bytes(bytes(range(256)) * 8)
+    env = os.environ | {"PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-m", "utils.plot", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: the event file runs/Hopper-v5__ppo_continuous__1__1/events.out.tfevents.1.host is corrupt")
+    assert sorted(os.listdir(tmp_path)) == ["runs"]

@@ -56,6 +56,9 @@ def _bad_args(name):
         (dict(exp_name="a/b"), "--exp-name must be a plain name, without '/' or '__'"),
         (dict(exp_name="a__b"), "--exp-name must be a plain name, without '/' or '__'"),
         (dict(total_timesteps=10**18), "--total-timesteps 1000000000000000000 is too many: the environments' seeds"),
+        (dict(env_kwargs=("render_mode=human",)), "--env-kwargs cannot set render_mode: the script sets it"),
+        (dict(env_id="InvertedPendulum-v5", num_steps=10**12, total_timesteps=10**12), "a batch of 1,000,000,000,000 steps needs about"),
+        (dict(env_id="tests/BrokenReset-v0"), "cannot reset environment 'tests/BrokenReset-v0': the simulator failed"),
     ]
     if name != "trpo_continuous":
         cases += [(dict(vf_coef=-1.0), "--vf-coef must be positive and finite"), (dict(max_grad_norm=float("inf")), "--max-grad-norm must be positive and finite"),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
+import os
 import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -14,6 +17,11 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     # A resumed run's log starts with a purge marker, and TensorBoard warns that it drops the scalars
     # written after the checkpoint ("out of order event.step ... TensorFlow restart"): that is the intent.
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+        # Every event file starts with its version record; a file with no readable record is corrupt (TensorBoard would
+        # skip it in silence). A file cut short by a crash keeps the records written before, and is read as they are.
+        if next(iter(EventFileLoader(path).Load()), None) is None:
+            raise ValueError(f"the event file {path} is corrupt: no record in it can be read")
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every event
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}

@@ -109,7 +109,10 @@ def binned_curve(steps: np.ndarray, returns: np.ndarray, width: int = BIN) -> np
 def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
     """The run of a TensorBoard run directory, or None if it is not one of ours or has no episode."""
     parts = os.path.basename(run_dir).split("__")
-    scalars = read_scalars(run_dir)
+    try:
+        scalars = read_scalars(run_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if len(parts) != 4 or not scalars.get("charts/episodic_return"):
         return None
     steps, returns = np.array(scalars["charts/episodic_return"]).T

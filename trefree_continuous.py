@@ -6,7 +6,8 @@ that paper. TREFree maximises the generalized surrogate G(pi~) = E[(pi~/pi - 1) 
 conservatively: each sample's term is capped at a margin delta (Algorithm 1), with no trust region on
 the policy. The rest follows Section 4: observation, reward and batch-level advantage normalization,
 actor and critic MLPs (2 x 64 tanh) that share their first layer, and a learning rate decayed
-linearly from 3e-4 to 0.
+linearly from 3e-4 to 0. As in the paper, pi is the policy that collected the batch (pi_old in the other two
+scripts) and pi~_theta the policy being optimised.
 
     python trefree_continuous.py --env-id Hopper-v5 --seed 1
 """
@@ -156,10 +157,10 @@ class RunningMeanStd:
     def update(self, x: np.ndarray) -> None:
         batch_count = x.shape[0]
         batch_mean = x.sum(axis=0) / batch_count  # x.mean(axis=0), bit for bit, without np.mean's Python wrapper
-        delta = batch_mean - self.mean
+        mean_difference = batch_mean - self.mean
         total = self.count + batch_count
-        self.mean = self.mean + delta * (batch_count / total)
-        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(delta) * (self.count * batch_count / total)
+        self.mean = self.mean + mean_difference * (batch_count / total)
+        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(mean_difference) * (self.count * batch_count / total)
         self.var = m2 / total
         self.count = total
 
@@ -325,12 +326,12 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     A termination has no future value; a truncation keeps it. Any episode end stops the recursion.
     Returns the advantages and the value targets (advantages + values).
     """
-    deltas = rewards + gamma * next_values * (1.0 - terminations) - values  # delta_t = r_t + gamma V(s_t+1) - V(s_t)
+    td_residuals = rewards + gamma * next_values * (1.0 - terminations) - values  # r_t + gamma V(s_t+1) - V(s_t)
     discounts = gamma * gae_lambda * (1.0 - dones)
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
-        last = deltas[t] + discounts[t] * last  # A_t = delta_t + gamma lambda A_t+1
+        last = td_residuals[t] + discounts[t] * last  # A_t = (r_t + gamma V(s_t+1) - V(s_t)) + gamma lambda A_t+1
         advantages[t] = last
     return advantages, advantages + values
 
@@ -356,7 +357,7 @@ def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float,
 def trefree_loss(logratio: torch.Tensor, advantages: torch.Tensor, delta: float, conservative: str = "objective",
                  ratio_clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Negative conservative surrogate -L(theta) (Section 3.2), and which samples' terms are capped (zero gradient)."""
-    deviation = logratio.exp() - 1  # the ratio deviation r - 1, r = pi_theta(a|s) / pi(a|s)
+    deviation = logratio.exp() - 1  # the ratio deviation r - 1, r = pi~_theta(a|s) / pi(a|s)
     if conservative == "objective":  # objective-conservative, TREFree (Algorithm 1)
         term = deviation * advantages
         capped = term > delta
@@ -387,8 +388,8 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The probability ratio r = pi_theta / pi_old over the whole batch (its extremes and the 5th and 95th
-    percentiles of log r), the approximate KL(pi_old || pi_theta) and the uncapped surrogate G, eq. (6)."""
+    """The probability ratio r = pi~_theta / pi over the whole batch (its extremes and the 5th and 95th
+    percentiles of log r), the approximate KL(pi || pi~_theta) and the uncapped surrogate G, eq. (6)."""
     logratio = agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]
     ratio = logratio.exp()
     log_p05, log_p95 = torch.quantile(logratio, torch.tensor([0.05, 0.95], device=logratio.device))

@@ -1,4 +1,4 @@
-"""Trust Region Policy Optimization (TRPO), single path, for continuous control (Gymnasium 1.x, MuJoCo), in one file.
+"""Trust Region Policy Optimization (TRPO), single path and vine, for continuous control (Gymnasium 1.x, MuJoCo), in one file.
 
 Schulman, Levine, Moritz, Jordan, Abbeel (2015), "Trust Region Policy Optimization", arXiv:1502.05477.
 Equation and section numbers in the comments refer to that paper. Each iteration solves problem (15): maximise the
@@ -167,10 +167,10 @@ class RunningMeanStd:
     def update(self, x: np.ndarray) -> None:
         batch_count = x.shape[0]
         batch_mean = x.sum(axis=0) / batch_count  # x.mean(axis=0), bit for bit, without np.mean's Python wrapper
-        delta = batch_mean - self.mean
+        mean_difference = batch_mean - self.mean
         total = self.count + batch_count
-        self.mean = self.mean + delta * (batch_count / total)
-        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(delta) * (self.count * batch_count / total)
+        self.mean = self.mean + mean_difference * (batch_count / total)
+        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(mean_difference) * (self.count * batch_count / total)
         self.var = m2 / total
         self.count = total
 
@@ -427,12 +427,12 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     A termination has no future value; a truncation keeps it. Any episode end stops the recursion.
     Returns the advantages and the value targets (advantages + values).
     """
-    deltas = rewards + gamma * next_values * (1.0 - terminations) - values  # delta_t = r_t + gamma V(s_t+1) - V(s_t)
+    td_residuals = rewards + gamma * next_values * (1.0 - terminations) - values  # r_t + gamma V(s_t+1) - V(s_t)
     discounts = gamma * gae_lambda * (1.0 - dones)
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
-        last = deltas[t] + discounts[t] * last  # A_t = delta_t + gamma lambda A_t+1
+        last = td_residuals[t] + discounts[t] * last  # A_t = (r_t + gamma V(s_t+1) - V(s_t)) + gamma lambda A_t+1
         advantages[t] = last
     return advantages, advantages + values
 

@@ -218,6 +218,7 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(algo,
     assert os.path.getmtime(path) == before
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # provoked: the statistics overflow to inf
 def test_non_finite_normalization_statistics_stop_training(algo):
     """Observations of ~1e300 overflow the running variance to inf while every normalized observation, clipped to +-10,
     stays finite: the statistics themselves are checked, and the run stops (exit 3) instead of saving them."""

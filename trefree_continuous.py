@@ -18,6 +18,8 @@ import ast
 import contextlib
 import copy
 import difflib
+import hashlib
+import importlib.util
 import math
 import os
 import random
@@ -53,6 +55,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, the update runs on the GPU when one is available"""
+    track: bool = False
+    """if toggled, send the run to Weights & Biases (its TensorBoard scalars as they are written, the arguments as config)"""
+    wandb_project_name: str = "onpolicy-continuous"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (team or user) of --track; none: the default of the logged-in account"""
     compile: bool = True
     """if toggled, the minibatch step runs compiled whole by torch.compile (CUDA graphs on a GPU); eager if it cannot"""
     capture_video: bool = False
@@ -501,6 +509,7 @@ def train(args: Args) -> dict[str, float]:
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
     checkpointing = args.save_model or args.checkpoint_interval > 0
     check_writable(run_dir)
+    tracking = start_tracking(args, run_dir) if args.track else None
     writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)  # drop what was logged after the checkpoint
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -596,6 +605,8 @@ def train(args: Args) -> dict[str, float]:
         if args.save_model:
             evaluate_checkpoint(checkpoint_path, writer, global_step)
     writer.close()
+    if tracking is not None:
+        tracking.finish()
     return {"global_step": global_step, "mean_return": mean_return, "stopped_by": stopped_by}
 
 
@@ -626,6 +637,7 @@ def check_args(args: Args) -> None:
     checks = [
         ("/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
          "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)"),
+        (args.track and importlib.util.find_spec("wandb") is None, "--track needs the wandb package: pip install wandb"),
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
         (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
         (max_seed < 0, f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
@@ -701,6 +713,17 @@ def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer:
         "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
         "rng": torch.get_rng_state(), "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
     })  # fmt: skip
+
+
+def start_tracking(args: Args, run_dir: str):
+    """Send the run to Weights & Biases (`--track`), as CleanRL does: `sync_tensorboard` forwards every TensorBoard
+    scalar unchanged, the arguments are the run's config. The W&B run id is derived from the run directory's name, so
+    that a resumed run continues the same W&B run (`resume="allow"`). Returns the W&B run."""
+    import wandb  # only with --track: the script runs without wandb installed
+
+    name = os.path.basename(os.path.normpath(run_dir))
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, id=hashlib.sha1(name.encode()).hexdigest()[:16],
+                      resume="allow", config=asdict(args), sync_tensorboard=True, monitor_gym=args.capture_video, save_code=True)  # fmt: skip
 
 
 def check_memory(batch_size: int, obs_dim: int, act_dim: int) -> None:

@@ -174,3 +174,10 @@ def test_plot_names_a_corrupt_event_file_instead_of_skipping_it(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: the event file runs/Hopper-v5__ppo_continuous__1__1/events.out.tfevents.1.host is corrupt")
     assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
+def test_track_reaches_every_job_with_its_project_and_entity(tmp_path, capsys):
+    args = _args(tmp_path, algos=("ppo", "trpo"), seeds=(1,), track=True, wandb_project_name="proj", wandb_entity="team", dry_run=True)
+    assert benchmark.main(args, []) == 0
+    commands = capsys.readouterr().out.splitlines()[1:]
+    assert len(commands) == 2 and all("--track --wandb-project-name proj --wandb-entity team" in line for line in commands)

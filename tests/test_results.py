@@ -185,3 +185,18 @@ def test_binned_curves_and_areas_survive_the_csv_and_draw_the_comparison_figures
     _, normalized = plot.compare(runs, ("b", "a"), plot.read_random_returns(str(tmp_path / "random.csv")), reps=200)
     for path in plot.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "curves.png"), reps=200):
         assert path.endswith(("_binned.png", "_profiles.png")) and (tmp_path / path).stat().st_size > 10_000
+
+
+def test_a_run_and_its_exported_copy_count_once(tmp_path):
+    """A finished run's TensorBoard directory next to the CSV it was exported to (values rounded to 6 digits, the curve
+    downsampled to 200 points) is one run, so that a sweep can be exported again as more runs finish."""
+    run_dir = tmp_path / "sweep" / "runs" / "A-v5__x__1__1"
+    writer = SummaryWriter(str(run_dir))
+    for i in range(1, 501):
+        writer.add_scalar("charts/episodic_return", 1.23456789 * i, 100 * i)
+    for i in range(1, 6):
+        writer.add_scalar("charts/SPS", 1234.56789, 10_000 * i)
+    writer.close()
+    plot.export_runs(plot.select_runs((str(tmp_path / "sweep"),)), str(tmp_path / "results" / "runs.csv"))
+    both = plot.select_runs((str(tmp_path / "sweep"), str(tmp_path / "results")))
+    assert len(both) == 1 and both[0].auc == pytest.approx(np.mean(plot.binned_curve(100.0 * np.arange(1, 501), 1.23456789 * np.arange(1, 501))[:, 1]))

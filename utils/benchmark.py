@@ -65,6 +65,12 @@ class Args:
     """CSV files of finished runs (`utils.plot --export`): their (environment, exp_name, seed) are not run again"""
     dry_run: bool = False
     """print the jobs and their commands without running them"""
+    track: bool = False
+    """pass --track to every job: each run goes to Weights & Biases (with the two flags below)"""
+    wandb_project_name: str | None = None
+    """with --track: the W&B project of every job (default: the scripts' own)"""
+    wandb_entity: str | None = None
+    """with --track: the W&B entity of every job"""
     slurm_partition: str | None = None
     """SLURM partition (default: the cluster's)"""
     slurm_time: int = 240
@@ -157,8 +163,10 @@ def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[st
         return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir), *extra]
     steps = ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
     flags = [word for flag, value in job.flags for word in (f"--{flag}", value)]
+    tracking = ["--track"] * args.track + [word for flag, value in (("--wandb-project-name", args.wandb_project_name),
+                ("--wandb-entity", args.wandb_entity)) if args.track and value for word in (flag, value)]  # fmt: skip
     return [sys.executable, script, "--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.exp_name,
-            "--save-model", "--checkpoint-interval", str(args.checkpoint_interval), *steps, *flags, *extra]  # fmt: skip
+            "--save-model", "--checkpoint-interval", str(args.checkpoint_interval), *steps, *tracking, *flags, *extra]  # fmt: skip
 
 
 def run_job(command: list[str], out_dir: str, name: str) -> None:

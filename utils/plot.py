@@ -147,23 +147,29 @@ def downsample(points: np.ndarray, most: int = 200) -> np.ndarray:
     return points[np.unique(np.linspace(0, len(points) - 1, most).round().astype(int))] if len(points) > most else points
 
 
+def csv_rows(run: Run) -> list[list]:
+    """The run's rows in the compact CSV: kind `curve` (step, running mean), `ratio` (step, max, min), `iteration`
+    (step, iteration number), `binned` (step, the binned curve, every bin), `final` (final return), `sps`, `length`
+    (final episode length), `eval` (evaluation return) and `auc` (sample efficiency)."""
+    key = [run.env_id, run.exp_name, run.seed]
+    rows = [key + ["curve", int(s), f"{v:.6g}", ""] for s, v in downsample(run.curve)]
+    rows += [key + ["ratio", int(s), f"{hi:.6g}", f"{lo:.6g}"] for s, hi, lo in downsample(run.ratios)]
+    rows += [key + ["iteration", int(s), int(i), ""] for s, i in downsample(run.iterations)]
+    rows += [key + ["binned", int(s), f"{v:.6g}", ""] for s, v in run.binned]
+    rows += [key + ["final", "", f"{run.final:.6g}", ""], key + ["sps", "", f"{run.sps:.6g}", ""]]
+    rows += [key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval), ("auc", run.auc))
+             if not np.isnan(value)]  # fmt: skip
+    return rows
+
+
 def export_runs(runs: list[Run], path: str) -> None:
-    """A compact CSV of the runs, one row per point: kind `curve` (step, running mean), `ratio` (step,
-    max, min), `iteration` (step, iteration number), `binned` (step, the binned curve, every bin), `final` (final
-    return), `sps`, `length` (final episode length), `eval` (evaluation return) and `auc` (sample efficiency)."""
+    """A compact CSV of the runs, one row per point (`csv_rows`), that `read_runs_csv` reads back."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["env_id", "exp_name", "seed", "kind", "step", "value", "value2"])
         for run in runs:
-            key = [run.env_id, run.exp_name, run.seed]
-            out.writerows(key + ["curve", int(s), f"{v:.6g}", ""] for s, v in downsample(run.curve))
-            out.writerows(key + ["ratio", int(s), f"{hi:.6g}", f"{lo:.6g}"] for s, hi, lo in downsample(run.ratios))
-            out.writerows(key + ["iteration", int(s), int(i), ""] for s, i in downsample(run.iterations))
-            out.writerows(key + ["binned", int(s), f"{v:.6g}", ""] for s, v in run.binned)
-            out.writerows([key + ["final", "", f"{run.final:.6g}", ""], key + ["sps", "", f"{run.sps:.6g}", ""]])
-            out.writerows(key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval),
-                          ("auc", run.auc)) if not np.isnan(value))  # fmt: skip
+            out.writerows(csv_rows(run))
 
 
 def read_runs_csv(path: str) -> list[Run]:
@@ -520,7 +526,9 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def same_data(a: Run, b: Run) -> bool:
-    return a.final == b.final and a.sps == b.sps and a.curve.shape == b.curve.shape and np.allclose(a.curve, b.curve)
+    """The same run, read twice: the rows that `--export` writes for them agree (so a TensorBoard run directory and its
+    copy in an exported CSV are one run)."""
+    return [[str(x) for x in row] for row in csv_rows(a)] == [[str(x) for x in row] for row in csv_rows(b)]
 
 
 def main(args: Args) -> None:

@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -70,14 +71,14 @@ class Args:
     checkpoint_interval: int = 0
     """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
     resume: str | None = None
-    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda, --compile)"""
+    """resume this checkpoint's run in its folder, with its saved arguments (but --total-timesteps, --cuda, --compile)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
     env_kwargs: tuple[str, ...] = ()
-    """keyword arguments of `gym.make` as KEY=VALUE, VALUE a Python literal or else a string (e.g. `include_cfrc_ext_in_observation=False`)"""
+    """`gym.make` keyword arguments KEY=VALUE, VALUE a Python literal or a string (`include_cfrc_ext_in_observation=False`)"""
     total_timesteps: int | None = None
-    """total environment steps of the experiment (default: 1,000,000); with --resume, a new total for the run (default: its own)"""
+    """total environment steps (default: 1,000,000); with --resume, a new total for the run (default: its own)"""
     learning_rate: float = 3e-4
     """the learning rate of the optimizer"""
     num_envs: int = 1
@@ -99,7 +100,7 @@ class Args:
     norm_adv: Literal["batch", "minibatch", "none"] = "batch"
     """normalize the advantages within the whole batch (Section 4), within each minibatch (PPO's way), or not"""
     delta: float = 0.1
-    """the margin delta of Algorithm 1 capping each sample's (r - 1) A; the paper's is 0.01, 0.1 did best here (README); inf: no cap"""
+    """Algorithm 1's margin delta on each sample's (r - 1) A; the paper's is 0.01, 0.1 did best here (README); inf: no cap"""
     conservative: Literal["objective", "ratio", "none"] = "objective"
     """how G is optimised (Section 3.2): cap the objective (TREFree), clip the ratio deviation, or neither"""
     ratio_clip: float = 0.2
@@ -125,8 +126,9 @@ class Args:
 # ---------------------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------------------
-def make_envs(env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None,
-              env_kwargs: dict | None = None) -> gym.vector.VectorEnv:  # fmt: skip
+def make_envs(
+    env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None, env_kwargs: dict | None = None
+) -> gym.vector.VectorEnv:
     """A vector of `num_envs` environments that reset in the same step as an episode ends.
 
     With `AutoresetMode.SAME_STEP` every action is applied to the environment: the step that ends an
@@ -168,12 +170,20 @@ class RunningMeanStd:
         mean_difference = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + mean_difference * (batch_count / total)
-        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(mean_difference) * (self.count * batch_count / total)
+        m2 = (
+            self.var * self.count
+            + np.square(x - batch_mean).sum(axis=0)
+            + np.square(mean_difference) * (self.count * batch_count / total)
+        )
         self.var = m2 / total
         self.count = total
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": torch.tensor(self.count, dtype=torch.float64)}
+        return {
+            "mean": torch.as_tensor(self.mean),
+            "var": torch.as_tensor(self.var),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
@@ -205,8 +215,13 @@ class Normalizer:
 
     def state_dict(self) -> dict:
         """The statistics as tensors, so that a checkpoint loads with `torch.load(weights_only=True)`."""
-        return {"obs_rms": self.obs_rms.state_dict(), "ret_rms": self.ret_rms.state_dict(),
-                "discounted_return": torch.as_tensor(self.discounted_return), "clip": self.clip, "epsilon": self.epsilon}  # fmt: skip
+        return {
+            "obs_rms": self.obs_rms.state_dict(),
+            "ret_rms": self.ret_rms.state_dict(),
+            "discounted_return": torch.as_tensor(self.discounted_return),
+            "clip": self.clip,
+            "epsilon": self.epsilon,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.obs_rms.load_state_dict(state["obs_rms"])
@@ -226,6 +241,7 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
     """A 2 x `hidden` tanh MLP; the output layer is initialised with gain `out_std`."""
+    # One layer per line (the formatter would split each pair).
     return nn.Sequential(
         layer_init(nn.Linear(in_dim, hidden)), nn.Tanh(),
         layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
@@ -277,8 +293,9 @@ def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
 # Rollout
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray,
-            num_steps: int) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:  # fmt: skip
+def rollout(
+    envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray, num_steps: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:
     """Run the policy for `num_steps` steps in every environment.
 
     Returns the transitions as (num_steps, num_envs, ...) arrays, the normalized observation to
@@ -314,20 +331,29 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
             final = info["_final_obs"]
             batch["next_obs"][t, final] = normalizer.obs(np.stack(info["final_obs"][final]), update=False)
             ended = info["_episode"]
-            episodes += [(t, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+            episodes += [(t, r, n) for r, n in zip(info["episode"]["r"][ended], info["episode"]["l"][ended], strict=True)]
         obs = next_obs
     # A NaN or an infinity from the environment survives normalization (and spoils the statistics after it).
     finite = np.isfinite(batch["next_obs"]).all(axis=(1, 2)) & np.isfinite(batch["rewards"]).all(axis=1)
     if not finite.all():
-        raise NumericalFault(f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}")
+        raise NumericalFault(
+            f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}"
+        )
     return batch, obs, episodes
 
 
 # ---------------------------------------------------------------------------------------------------
 # Generalized advantage estimation
 # ---------------------------------------------------------------------------------------------------
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminations: torch.Tensor,
-                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminations: torch.Tensor,
+    dones: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE(gamma, lambda) of Schulman et al. (2016) over (num_steps, num_envs) tensors.
 
     `next_values[t]` is V of the successor of step t (V(final observation) where the episode ended).
@@ -345,25 +371,31 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 
 @torch.no_grad()
-def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float,
-               device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+def make_batch(
+    agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env).
     The one place where the rollout's numpy arrays become tensors on `device`."""
     b = {k: torch.from_numpy(v).to(device) for k, v in rollout_batch.items()}
     values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
     advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
     batch = {
-        "obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(b["obs"], b["actions"]),
-        "values": values, "advantages": advantages, "returns": returns,
-    }  # fmt: skip
+        "obs": b["obs"],
+        "actions": b["actions"],
+        "logprobs": agent.log_prob(b["obs"], b["actions"]),
+        "values": values,
+        "advantages": advantages,
+        "returns": returns,
+    }
     return {k: v.flatten(0, 1) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
 # TREFree loss and update
 # ---------------------------------------------------------------------------------------------------
-def trefree_loss(logratio: torch.Tensor, advantages: torch.Tensor, delta: float, conservative: str = "objective",
-                 ratio_clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def trefree_loss(
+    logratio: torch.Tensor, advantages: torch.Tensor, delta: float, conservative: str = "objective", ratio_clip: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative conservative surrogate -L(theta) (Section 3.2), and which samples' terms are capped (zero gradient)."""
     deviation = logratio.exp() - 1  # the ratio deviation r - 1, r = pi~_theta(a|s) / pi(a|s)
     if conservative == "objective":  # objective-conservative, TREFree (Algorithm 1)
@@ -379,8 +411,9 @@ def trefree_loss(logratio: torch.Tensor, advantages: torch.Tensor, delta: float,
     return -term.mean(), capped
 
 
-def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: float,
-               clip_vloss: bool) -> torch.Tensor:  # fmt: skip
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: float, clip_vloss: bool
+) -> torch.Tensor:
     """0.5 (V - R)^2; with `clip_vloss` the pessimistic max over V and V clipped to old_V ± clip_coef (Baselines)."""
     loss = (new_values - returns) ** 2
     if clip_vloss:
@@ -402,9 +435,13 @@ def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch
     ratio = logratio.exp()
     log_p05, log_p95 = torch.quantile(logratio, torch.tensor([0.05, 0.95], device=logratio.device))
     return {
-        "ratio/max": ratio.max(), "ratio/min": ratio.min(), "ratio/log_p95": log_p95, "ratio/log_p05": log_p05,
-        "losses/approx_kl": ((ratio - 1) - logratio).mean(), "losses/objective": ((ratio - 1) * batch["advantages"]).mean(),
-    }  # fmt: skip
+        "ratio/max": ratio.max(),
+        "ratio/min": ratio.min(),
+        "ratio/log_p95": log_p95,
+        "ratio/log_p05": log_p05,
+        "losses/approx_kl": ((ratio - 1) - logratio).mean(),
+        "losses/objective": ((ratio - 1) * batch["advantages"]).mean(),
+    }
 
 
 def adam_state(optimizer: torch.optim.Adam) -> dict:
@@ -413,26 +450,51 @@ def adam_state(optimizer: torch.optim.Adam) -> dict:
     group = optimizer.param_groups[0]
     for p in group["params"]:
         if not optimizer.state[p]:
-            optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            optimizer.state[p] = {
+                "step": torch.zeros((), device=p.device),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
     states = [optimizer.state[p] for p in group["params"]]
     return {
-        "params": group["params"], "exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
-        "state_steps": [st["step"] for st in states], "beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
-    }  # fmt: skip
+        "params": group["params"],
+        "exp_avgs": [st["exp_avg"] for st in states],
+        "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+        "state_steps": [st["step"] for st in states],
+        "beta1": group["betas"][0],
+        "beta2": group["betas"][1],
+        "eps": group["eps"],
+    }
 
 
 def adam_step(adam: dict, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
     """Adam (Kingma and Ba, 2015) on `adam`'s parameters and state, in place: PyTorch's own, the functional form that
     `torch.optim.Adam.step` runs; its fused kernel eagerly, its single-tensor form (which inductor fuses) when compiled."""
     with torch.no_grad():
-        functional_adam(adam["params"], grads, adam["exp_avgs"], adam["exp_avg_sqs"], [], adam["state_steps"], foreach=False,
-                        fused=not torch.compiler.is_compiling(), amsgrad=False, beta1=adam["beta1"], beta2=adam["beta2"], lr=lr,
-                        weight_decay=0.0, eps=adam["eps"], maximize=False)  # fmt: skip
+        functional_adam(
+            adam["params"],
+            grads,
+            adam["exp_avgs"],
+            adam["exp_avg_sqs"],
+            [],
+            adam["state_steps"],
+            foreach=False,
+            fused=not torch.compiler.is_compiling(),
+            amsgrad=False,
+            beta1=adam["beta1"],
+            beta2=adam["beta2"],
+            lr=lr,
+            weight_decay=0.0,
+            eps=adam["eps"],
+            maximize=False,
+        )
 
 
-def minibatch_step(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float | torch.Tensor, args: Args) -> torch.Tensor:
+def minibatch_step(
+    agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float | torch.Tensor, args: Args
+) -> torch.Tensor:
     """One gradient step on a minibatch, in place: -L + vf_coef * value loss, its gradient, global-norm clipping and Adam. The
-    eager and the compiled update both run this function. Returns (policy loss, value loss, entropy, capfrac, gradient norm)."""
+    eager and the compiled update both run this function. Returns (policy loss, value loss, entropy, capfrac, grad norm)."""
     logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
     advantages = standardize(mb["advantages"]) if args.norm_adv == "minibatch" else mb["advantages"]
     policy_loss, capped = trefree_loss(logratio, advantages, args.delta, args.conservative, args.ratio_clip)
@@ -442,13 +504,15 @@ def minibatch_step(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: fl
 
     grads = torch.autograd.grad(loss, adam["params"])
     grad_norm = nn.utils.get_total_norm(grads)  # ||g||, the norm over all parameters that clip_grad_norm_ computes
-    grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]  # g min(1, c / ||g||), clip_grad_norm_'s rule
+    # g min(1, c / ||g||), clip_grad_norm_'s rule
+    grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]
     adam_step(adam, grads, lr)
     return torch.stack([policy_loss, v_loss, entropy, capped.float().mean(), grad_norm]).detach()
 
 
-def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Tensor], args: Args,
-           step: Callable = minibatch_step) -> dict[str, float]:  # fmt: skip
+def update(
+    agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Tensor], args: Args, step: Callable = minibatch_step
+) -> dict[str, float]:
     """`update_epochs` passes of minibatch gradient steps on -L + vf_coef * value loss (`step`: `minibatch_step`, or it
     compiled); returns the iteration's statistics."""
     batch_size = batch["obs"].shape[0]
@@ -462,8 +526,13 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
         if args.target_kl is not None and ratio_stats(agent, batch)["losses/approx_kl"] > args.target_kl:
             break
     policy_loss, v_loss, entropy, capfrac, grad_norm = torch.stack(losses).mean(0).tolist()
-    stats = {"losses/policy_loss": policy_loss, "losses/value_loss": v_loss, "losses/entropy": entropy, "losses/capfrac": capfrac,
-             "losses/grad_norm": grad_norm}  # fmt: skip
+    stats = {
+        "losses/policy_loss": policy_loss,
+        "losses/value_loss": v_loss,
+        "losses/entropy": entropy,
+        "losses/capfrac": capfrac,
+        "losses/grad_norm": grad_norm,
+    }
     return stats | {k: v.item() for k, v in ratio_stats(agent, batch).items()}
 
 
@@ -483,15 +552,25 @@ def train(args: Args) -> dict[str, float]:
     if checkpoint is None:
         args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
     else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
-        taken = ("resume", "total_timesteps", "cuda", "compile")  # the device and the compiler are the machine's, not the run's
+        # The device and the compiler are the machine's, not the run's.
+        taken = ("resume", "total_timesteps", "cuda", "compile")
         ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
         if ignored:
-            print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
+            print(
+                f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr
+            )
         total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
         batch_size = checkpoint["args"]["num_envs"] * checkpoint["args"]["num_steps"]
         if total_timesteps // batch_size < checkpoint["iteration"]:
-            raise ArgsError(f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps")
-        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}))
+            raise ArgsError(
+                f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps"
+            )
+        args = Args(
+            **(
+                checkpoint["args"]
+                | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}
+            )
+        )
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs)
@@ -510,7 +589,8 @@ def train(args: Args) -> dict[str, float]:
     checkpointing = args.save_model or args.checkpoint_interval > 0
     check_writable(run_dir)
     tracking = start_tracking(args, run_dir) if args.track else None
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)  # drop what was logged after the checkpoint
+    # On resume, what was logged after the checkpoint is dropped.
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -522,8 +602,13 @@ def train(args: Args) -> dict[str, float]:
     if args.cuda and device.type == "cpu":
         print("note: no GPU is available; training on the CPU", file=sys.stderr)
 
-    envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
-                     env_kwargs)  # fmt: skip
+    envs = make_envs(
+        args.env_id,
+        args.num_envs,
+        args.async_envs,
+        os.path.join(run_dir, "videos") if args.capture_video else None,
+        env_kwargs,
+    )
     agent = Agent(obs_dim, act_dim, args.share_first_layer, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
@@ -542,10 +627,21 @@ def train(args: Args) -> dict[str, float]:
     obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
     recent_returns, mean_return, stopped_by = deque(maxlen=10), float("nan"), 0
     global_step, start_time = start_step, time.perf_counter()
-    progress = tqdm(initial=start_step, total=num_iterations * batch_size, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(
+        initial=start_step,
+        total=num_iterations * batch_size,
+        unit="step",
+        unit_scale=True,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     with stop_requests() as stop_requested:
         for iteration in range(start_iteration, num_iterations + 1):
-            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device) if checkpointing else None
+            last_good = (
+                checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device)
+                if checkpointing
+                else None
+            )
             try:
                 lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr else args.learning_rate
                 optimizer.param_groups[0]["lr"] = lr
@@ -563,17 +659,27 @@ def train(args: Args) -> dict[str, float]:
                 batch = make_batch(agent, rollout_batch, args.gamma, args.gae_lambda, device)
                 stats = update(agent, optimizer, batch, args, train_step)
                 update_end = time.perf_counter()
-                check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
-                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}
-                             | {"the running observation mean or variance": np.concatenate([normalizer.obs_rms.mean, normalizer.obs_rms.var]),
-                                "the running return variance": normalizer.ret_rms.var}, "after the update")  # fmt: skip
+                check_finite(
+                    {"the normalized observation": batch["obs"]}
+                    | {k: v for k, v in stats.items() if k.startswith("losses/")}
+                    | {f"the parameter {name}": p for name, p in agent.named_parameters()}
+                    | {
+                        "the running observation mean or variance": np.concatenate(
+                            [normalizer.obs_rms.mean, normalizer.obs_rms.var]
+                        ),
+                        "the running return variance": normalizer.ret_rms.var,
+                    },
+                    "after the update",
+                )
 
                 sps = int((global_step - start_step) / (update_end - start_time))
                 stats |= {
-                    "charts/SPS": sps, "charts/learning_rate": lr,
+                    "charts/SPS": sps,
+                    "charts/learning_rate": lr,
                     "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
-                    "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
-                }  # fmt: skip
+                    "perf/rollout_time": update_start - rollout_start,
+                    "perf/update_time": update_end - update_start,
+                }
                 for tag, value in stats.items():
                     writer.add_scalar(tag, value, global_step)
                 mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
@@ -586,22 +692,34 @@ def train(args: Args) -> dict[str, float]:
                     save_checkpoint(checkpoint_path, last_good)
                 writer.close()
                 envs.close()
-                kept = f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}" if checkpointing else ""
+                kept = (
+                    f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}"
+                    if checkpointing
+                    else ""
+                )
                 raise NumericalFault(f"{args.env_id}, iteration {iteration}: {fault}{kept}") from None
 
             stopped_by = stop_requested()
             if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
-                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
+                save_checkpoint(
+                    checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device)
+                )
             if stopped_by:
                 break
 
     progress.close()
     envs.close()
     if stopped_by:
-        print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
-              + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
+            + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""),
+            file=sys.stderr,
+        )
     elif checkpointing:
-        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, global_step // batch_size, device))
+        save_checkpoint(
+            checkpoint_path,
+            checkpoint_state(agent, optimizer, normalizer, args, global_step, global_step // batch_size, device),
+        )
         if args.save_model:
             evaluate_checkpoint(checkpoint_path, writer, global_step)
     writer.close()
@@ -633,32 +751,49 @@ def check_args(args: Args) -> None:
     NaN fails it (`not 0 < x < inf` is True for NaN), and `< inf` refuses infinities."""
     inf = math.inf
     batch_size = args.num_envs * args.num_steps
-    max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))  # env i of iteration k: seed + k num_envs + i
+    # Environment i of iteration k is seeded with seed + k num_envs + i.
+    max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))
     checks = [
-        ("/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
-         "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)"),
+        (
+            "/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
+            "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)",
+        ),
         (args.track and importlib.util.find_spec("wandb") is None, "--track needs the wandb package: pip install wandb"),
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
-        (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
-        (max_seed < 0, f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
-                       "iteration k) must stay below 2^32"),
+        (
+            args.total_timesteps < batch_size,
+            f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)",
+        ),
+        (
+            max_seed < 0,
+            f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
+            "iteration k) must stay below 2^32",
+        ),
         (not 0 <= args.seed <= max_seed, f"--seed must be between 0 and {max_seed}"),
-        (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
-         f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
+        (
+            args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps",
+        ),
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
         (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.learning_rate < inf, "--learning-rate must be positive and finite"),
         (not 1 <= args.update_epochs <= 1000, "--update-epochs must be between 1 and 1000"),
-        (args.norm_adv != "none" and batch_size // (max(args.num_minibatches, 1) if args.norm_adv == "minibatch" else 1) < 2,
-         f"--norm-adv {args.norm_adv} cannot standardize the advantages of one sample (--num-minibatches, --num-steps)"),
+        (
+            args.norm_adv != "none"
+            and batch_size // (max(args.num_minibatches, 1) if args.norm_adv == "minibatch" else 1) < 2,
+            f"--norm-adv {args.norm_adv} cannot standardize the advantages of one sample (--num-minibatches, --num-steps)",
+        ),
         (not 0 < args.vf_coef < inf, "--vf-coef must be positive and finite"),
         (not 0 < args.max_grad_norm < inf, "--max-grad-norm must be positive and finite"),
         (not args.delta > 0, "--delta must be positive (inf: no cap)"),
-        (not 0 < args.ratio_clip < inf or not 0 < args.vf_clip_coef < inf, "--ratio-clip and --vf-clip-coef must be positive and finite"),
+        (
+            not 0 < args.ratio_clip < inf or not 0 < args.vf_clip_coef < inf,
+            "--ratio-clip and --vf-clip-coef must be positive and finite",
+        ),
         (args.target_kl is not None and not 0 < args.target_kl < inf, "--target-kl must be positive and finite"),
-    ]  # fmt: skip
+    ]
     for failed, message in checks:
         if failed:
             raise ArgsError(message)
@@ -672,7 +807,9 @@ def parse_env_kwargs(items: tuple[str, ...]) -> dict:
         if not sep or not key.isidentifier():
             raise ArgsError(f"--env-kwargs takes KEY=VALUE, not '{item}'")
         if key == "render_mode":  # the scripts' own: rgb_array with --capture-video, else none (human needs a display)
-            raise ArgsError("--env-kwargs cannot set render_mode: the script sets it (--capture-video records rgb_array frames)")
+            raise ArgsError(
+                "--env-kwargs cannot set render_mode: the script sets it (--capture-video records rgb_array frames)"
+            )
         try:
             kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
         except (ValueError, SyntaxError):
@@ -686,14 +823,20 @@ def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
         env = gym.make(env_id, **env_kwargs)
     except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
         close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
-        raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
+        raise ArgsError(
+            f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")
+        ) from None
     except Exception as e:  # a missing dependency, a bad entry point, ...
-        raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ArgsError(
+            f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     obs_space, act_space = env.observation_space, env.action_space
     try:
         env.reset(seed=0)  # an environment that builds but cannot reset is refused here, not in the middle of a run
     except Exception as e:
-        raise ArgsError(f"cannot reset environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ArgsError(
+            f"cannot reset environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     finally:
         env.close()
     if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
@@ -703,16 +846,31 @@ def check_env(env_id: str, env_kwargs: dict) -> tuple[int, int]:
     return obs_space.shape[0], act_space.shape[0]
 
 
-def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
-                     global_step: int, iteration: int, device: torch.device) -> dict:  # fmt: skip
+def checkpoint_state(
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    normalizer: Normalizer,
+    args: Args,
+    global_step: int,
+    iteration: int,
+    device: torch.device,
+) -> dict:
     """Everything needed to evaluate the policy or to continue the run, copied (of the random generators, the CPU's and
     that of the GPU the run uses, if it uses one)."""
-    return copy.deepcopy({
-        "algo": "trefree_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
-        "global_step": global_step, "iteration": iteration,
-        "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-        "rng": torch.get_rng_state(), "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-    })  # fmt: skip
+    return copy.deepcopy(
+        {
+            "algo": "trefree_continuous",
+            "args": asdict(args),
+            "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
+            "global_step": global_step,
+            "iteration": iteration,
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "normalizer": normalizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+        }
+    )
 
 
 def start_tracking(args: Args, run_dir: str):
@@ -722,8 +880,17 @@ def start_tracking(args: Args, run_dir: str):
     import wandb  # only with --track: the script runs without wandb installed
 
     name = os.path.basename(os.path.normpath(run_dir))
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, id=hashlib.sha1(name.encode()).hexdigest()[:16],
-                      resume="allow", config=asdict(args), sync_tensorboard=True, monitor_gym=args.capture_video, save_code=True)  # fmt: skip
+    return wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity,
+        name=name,
+        id=hashlib.sha1(name.encode()).hexdigest()[:16],
+        resume="allow",
+        config=asdict(args),
+        sync_tensorboard=True,
+        monitor_gym=args.capture_video,
+        save_code=True,
+    )
 
 
 def check_memory(batch_size: int, obs_dim: int, act_dim: int) -> None:
@@ -733,8 +900,11 @@ def check_memory(batch_size: int, obs_dim: int, act_dim: int) -> None:
     needed = 3 * 4 * batch_size * (2 * obs_dim + act_dim + 3)
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
-        raise ArgsError(f"a batch of {batch_size:,} steps needs about {needed / 2**30:,.0f} GiB; this machine has {available / 2**30:,.0f} GiB "
-                        "(--num-envs x --num-steps)")  # fmt: skip
+        raise ArgsError(
+            f"a batch of {batch_size:,} steps needs about {needed / 2**30:,.0f} GiB; "
+            f"this machine has {available / 2**30:,.0f} GiB "
+            "(--num-envs x --num-steps)"
+        )
 
 
 def check_writable(run_dir: str) -> None:

@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import mujoco
@@ -66,7 +67,7 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team or user) of --track; none: the default of the logged-in account"""
     compile: bool = True
-    """if toggled, the value function's minibatch step runs compiled whole by torch.compile (CUDA graphs on a GPU); eager if it cannot"""
+    """if toggled, the value function's step runs compiled by torch.compile (CUDA graphs on a GPU); eager if it cannot"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False
@@ -74,14 +75,14 @@ class Args:
     checkpoint_interval: int = 0
     """also write that checkpoint every this many iterations (0: only at the end, with --save-model)"""
     resume: str | None = None
-    """continue the run of this checkpoint, in its run directory and with its saved arguments (but --total-timesteps, --cuda, --compile)"""
+    """resume this checkpoint's run in its folder, with its saved arguments (but --total-timesteps, --cuda, --compile)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (any Gymnasium environment with Box observations and Box actions)"""
     env_kwargs: tuple[str, ...] = ()
-    """keyword arguments of `gym.make` as KEY=VALUE, VALUE a Python literal or else a string (e.g. `include_cfrc_ext_in_observation=False`)"""
+    """`gym.make` keyword arguments KEY=VALUE, VALUE a Python literal or a string (`include_cfrc_ext_in_observation=False`)"""
     total_timesteps: int | None = None
-    """total environment steps of the experiment (default: 1,000,000); with --resume, a new total for the run (default: its own)"""
+    """total environment steps (default: 1,000,000); with --resume, a new total for the run (default: its own)"""
     vf_learning_rate: Annotated[float, tyro.conf.arg(aliases=("--learning-rate",))] = 1e-3
     """the learning rate of the value function's Adam (the policy's step is set by --max-kl)"""
     num_envs: int = 1
@@ -135,8 +136,9 @@ class Args:
 # ---------------------------------------------------------------------------------------------------
 # Environments
 # ---------------------------------------------------------------------------------------------------
-def make_envs(env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None,
-              env_kwargs: dict | None = None) -> gym.vector.VectorEnv:  # fmt: skip
+def make_envs(
+    env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None, env_kwargs: dict | None = None
+) -> gym.vector.VectorEnv:
     """A vector of `num_envs` environments that reset in the same step as an episode ends.
 
     With `AutoresetMode.SAME_STEP` every action is applied to the environment: the step that ends an
@@ -178,12 +180,20 @@ class RunningMeanStd:
         mean_difference = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + mean_difference * (batch_count / total)
-        m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0) + np.square(mean_difference) * (self.count * batch_count / total)
+        m2 = (
+            self.var * self.count
+            + np.square(x - batch_mean).sum(axis=0)
+            + np.square(mean_difference) * (self.count * batch_count / total)
+        )
         self.var = m2 / total
         self.count = total
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": torch.tensor(self.count, dtype=torch.float64)}
+        return {
+            "mean": torch.as_tensor(self.mean),
+            "var": torch.as_tensor(self.var),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
@@ -216,8 +226,13 @@ class Normalizer:
 
     def state_dict(self) -> dict:
         """The statistics as tensors, so that a checkpoint loads with `torch.load(weights_only=True)`."""
-        return {"obs_rms": self.obs_rms.state_dict(), "ret_rms": self.ret_rms.state_dict(),
-                "discounted_return": torch.as_tensor(self.discounted_return), "clip": self.clip, "epsilon": self.epsilon}  # fmt: skip
+        return {
+            "obs_rms": self.obs_rms.state_dict(),
+            "ret_rms": self.ret_rms.state_dict(),
+            "discounted_return": torch.as_tensor(self.discounted_return),
+            "clip": self.clip,
+            "epsilon": self.epsilon,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.obs_rms.load_state_dict(state["obs_rms"])
@@ -237,6 +252,7 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
     """A 2 x `hidden` tanh MLP; the output layer is initialised with gain `out_std`."""
+    # One layer per line (the formatter would split each pair).
     return nn.Sequential(
         layer_init(nn.Linear(in_dim, hidden)), nn.Tanh(),
         layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
@@ -292,8 +308,14 @@ def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
 # Rollout
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray, num_steps: int,
-            before_step: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:  # fmt: skip
+def rollout(
+    envs: gym.vector.VectorEnv,
+    agent: Agent,
+    normalizer: Normalizer,
+    obs: np.ndarray,
+    num_steps: int,
+    before_step: Callable[[int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:
     """Run the policy for `num_steps` steps in every environment (calling `before_step(t)` before step t, if given).
 
     Returns the transitions as (num_steps, num_envs, ...) arrays, the normalized observation to
@@ -331,12 +353,14 @@ def rollout(envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, ob
             final = info["_final_obs"]
             batch["next_obs"][t, final] = normalizer.obs(np.stack(info["final_obs"][final]), update=False)
             ended = info["_episode"]
-            episodes += [(t, r, l) for r, l in zip(info["episode"]["r"][ended], info["episode"]["l"][ended])]
+            episodes += [(t, r, n) for r, n in zip(info["episode"]["r"][ended], info["episode"]["l"][ended], strict=True)]
         obs = next_obs
     # A NaN or an infinity from the environment survives normalization (and spoils the statistics after it).
     finite = np.isfinite(batch["next_obs"]).all(axis=(1, 2)) & np.isfinite(batch["rewards"]).all(axis=1)
     if not finite.all():
-        raise NumericalFault(f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}")
+        raise NumericalFault(
+            f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}"
+        )
     return batch, obs, episodes
 
 
@@ -369,8 +393,15 @@ def restore_state(env: gym.Env, state: tuple[mujoco.MjData, int | None]) -> None
 
 
 @torch.no_grad()
-def vine_rollouts(branch_envs: list[gym.Env], states: list, state_obs: np.ndarray, agent: Agent, normalizer: Normalizer,
-                  gamma: float, horizon: int) -> tuple[dict[str, np.ndarray], int]:  # fmt: skip
+def vine_rollouts(
+    branch_envs: list[gym.Env],
+    states: list,
+    state_obs: np.ndarray,
+    agent: Agent,
+    normalizer: Normalizer,
+    gamma: float,
+    horizon: int,
+) -> tuple[dict[str, np.ndarray], int]:
     """K branch rollouts from each of the N rollout-set states (`states`, their normalized observations
     `state_obs`), the N K branches stepped in lockstep, K = len(branch_envs) / N.
 
@@ -420,15 +451,27 @@ def vine_rollouts(branch_envs: list[gym.Env], states: list, state_obs: np.ndarra
     if not (np.isfinite(returns).all() and np.isfinite(last_obs).all()):
         raise NumericalFault("the environment returned a non-finite observation or reward in a branch rollout")
     shape = (num_states, num_actions)
-    return {"obs": state_obs, "actions": actions.astype(np.float32), "returns": returns.reshape(shape).astype(np.float32),
-            "bootstrap_obs": last_obs.reshape(*shape, obs_dim), "bootstrap_discount": discount.reshape(shape).astype(np.float32)}, steps  # fmt: skip
+    return {
+        "obs": state_obs,
+        "actions": actions.astype(np.float32),
+        "returns": returns.reshape(shape).astype(np.float32),
+        "bootstrap_obs": last_obs.reshape(*shape, obs_dim),
+        "bootstrap_discount": discount.reshape(shape).astype(np.float32),
+    }, steps
 
 
 # ---------------------------------------------------------------------------------------------------
 # Generalized advantage estimation
 # ---------------------------------------------------------------------------------------------------
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminations: torch.Tensor,
-                dones: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    next_values: torch.Tensor,
+    terminations: torch.Tensor,
+    dones: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE(gamma, lambda) of Schulman et al. (2016) over (num_steps, num_envs) tensors.
 
     `next_values[t]` is V of the successor of step t (V(final observation) where the episode ended).
@@ -446,17 +489,22 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
 
 
 @torch.no_grad()
-def make_batch(agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float,
-               device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+def make_batch(
+    agent: Agent, rollout_batch: dict[str, np.ndarray], gamma: float, gae_lambda: float, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Values, log-probabilities of the rollout policy and GAE for a rollout, flattened over (step, env).
     The one place where the rollout's numpy arrays become tensors on `device`."""
     b = {k: torch.from_numpy(v).to(device) for k, v in rollout_batch.items()}
     values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
     advantages, returns = compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], gamma, gae_lambda)
     batch = {
-        "obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(b["obs"], b["actions"]),
-        "values": values, "advantages": advantages, "returns": returns,
-    }  # fmt: skip
+        "obs": b["obs"],
+        "actions": b["actions"],
+        "logprobs": agent.log_prob(b["obs"], b["actions"]),
+        "values": values,
+        "advantages": advantages,
+        "returns": returns,
+    }
     return {k: v.flatten(0, 1) for k, v in batch.items()}
 
 
@@ -510,8 +558,9 @@ def empirical_fvp(scores: torch.Tensor, damping: float) -> Callable[[torch.Tenso
     return lambda v: scores.T @ (scores @ v) / scores.shape[0] + damping * v
 
 
-def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int,
-                       residual_tol: float = 1e-10) -> tuple[torch.Tensor, float]:  # fmt: skip
+def conjugate_gradient(
+    avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, residual_tol: float = 1e-10
+) -> tuple[torch.Tensor, float]:
     """Approximately solve A x = b for symmetric positive-definite A given only v -> A v (Appendix C).
     Returns x and the norm of the residual r = b - A x that the iteration maintains."""
     x = torch.zeros_like(b)
@@ -531,11 +580,18 @@ def conjugate_gradient(avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Ten
 
 
 @torch.no_grad()
-def line_search(params: list[nn.Parameter], full_step: torch.Tensor, surrogate: Callable[[], torch.Tensor],
-                kl: Callable[[], torch.Tensor], max_kl: float, steps: int) -> tuple[int, float, float]:  # fmt: skip
+def line_search(
+    params: list[nn.Parameter],
+    full_step: torch.Tensor,
+    surrogate: Callable[[], torch.Tensor],
+    kl: Callable[[], torch.Tensor],
+    max_kl: float,
+    steps: int,
+) -> tuple[int, float, float]:
     """Backtracking line search (Appendix C): try theta_old + 0.5^k full_step for k = 0, 1, ... and keep the
     first step that improves the surrogate with a measured KL (`kl`: the mean, or the max over states) <= max_kl
-    (the bound itself, no tolerance). If none does, theta_old is restored. Returns (k or -1, its KL, its surrogate improvement)."""
+    (the bound itself, no tolerance). If none does, theta_old is restored. Returns (k or -1, its KL, its surrogate
+    improvement)."""
     theta_old = parameters_to_vector(params).clone()
     surrogate_old = surrogate().item()
     for k in range(steps):
@@ -573,24 +629,49 @@ def adam_state(optimizer: torch.optim.Adam) -> dict:
     group = optimizer.param_groups[0]
     for p in group["params"]:
         if not optimizer.state[p]:
-            optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            optimizer.state[p] = {
+                "step": torch.zeros((), device=p.device),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
     states = [optimizer.state[p] for p in group["params"]]
     return {
-        "params": group["params"], "exp_avgs": [st["exp_avg"] for st in states], "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
-        "state_steps": [st["step"] for st in states], "beta1": group["betas"][0], "beta2": group["betas"][1], "eps": group["eps"],
-    }  # fmt: skip
+        "params": group["params"],
+        "exp_avgs": [st["exp_avg"] for st in states],
+        "exp_avg_sqs": [st["exp_avg_sq"] for st in states],
+        "state_steps": [st["step"] for st in states],
+        "beta1": group["betas"][0],
+        "beta2": group["betas"][1],
+        "eps": group["eps"],
+    }
 
 
 def adam_step(adam: dict, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
     """Adam (Kingma and Ba, 2015) on `adam`'s parameters and state, in place: PyTorch's own, the functional form that
     `torch.optim.Adam.step` runs; its fused kernel eagerly, its single-tensor form (which inductor fuses) when compiled."""
     with torch.no_grad():
-        functional_adam(adam["params"], grads, adam["exp_avgs"], adam["exp_avg_sqs"], [], adam["state_steps"], foreach=False,
-                        fused=not torch.compiler.is_compiling(), amsgrad=False, beta1=adam["beta1"], beta2=adam["beta2"], lr=lr,
-                        weight_decay=0.0, eps=adam["eps"], maximize=False)  # fmt: skip
+        functional_adam(
+            adam["params"],
+            grads,
+            adam["exp_avgs"],
+            adam["exp_avg_sqs"],
+            [],
+            adam["state_steps"],
+            foreach=False,
+            fused=not torch.compiler.is_compiling(),
+            amsgrad=False,
+            beta1=adam["beta1"],
+            beta2=adam["beta2"],
+            lr=lr,
+            weight_decay=0.0,
+            eps=adam["eps"],
+            maximize=False,
+        )
 
 
-def minibatch_step(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float | torch.Tensor, args: Args) -> torch.Tensor:
+def minibatch_step(
+    agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: float | torch.Tensor, args: Args
+) -> torch.Tensor:
     """One gradient step of the value function on a minibatch, in place: the value loss, its gradient and Adam. The eager
     and the compiled update both run this function. Returns the value loss."""
     v_loss = value_loss(agent.value(mb["obs"]), mb["returns"])
@@ -598,8 +679,14 @@ def minibatch_step(agent: Agent, adam: dict, mb: dict[str, torch.Tensor], lr: fl
     return v_loss.detach()
 
 
-def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Tensor], args: Args,
-           vine: dict[str, torch.Tensor] | None = None, step: Callable = minibatch_step) -> dict[str, float]:  # fmt: skip
+def update(
+    agent: Agent,
+    optimizer: torch.optim.Adam,
+    batch: dict[str, torch.Tensor],
+    args: Args,
+    vine: dict[str, torch.Tensor] | None = None,
+    step: Callable = minibatch_step,
+) -> dict[str, float]:
     """One natural-gradient step on the policy under the KL constraint, then `vf_iters` epochs of minibatch
     Adam on the value function (on the trunk's batch); returns the iteration's statistics. The policy step
     uses the batch's states and advantages (single path) or, given `vine`, the rollout set's states and
@@ -624,7 +711,11 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
             logratio = agent.log_prob(obs_k, vine["actions"]) - vine["logprobs"]
             return vine_surrogate(logratio, vine["q_values"]) + args.ent_coef * agent.entropy()
 
-        samples = {"obs": obs_k.flatten(0, 1), "actions": vine["actions"].flatten(0, 1), "logprobs": vine["logprobs"].flatten()}
+        samples = {
+            "obs": obs_k.flatten(0, 1),
+            "actions": vine["actions"].flatten(0, 1),
+            "logprobs": vine["logprobs"].flatten(),
+        }
     with torch.no_grad():
         mean_old, log_std_old = agent.actor_mean(obs), agent.actor_logstd.clone()
         trunk_mean_old = agent.actor_mean(batch["obs"]) if vine is not None else None
@@ -651,8 +742,10 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
             beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = delta
             full_step = beta * step_dir
             constraint = mean_kl if args.kl_constraint == "mean" else max_state_kl  # max: the same direction, a stricter test
-            steps, step_kl, improvement = line_search(params, full_step, surrogate, constraint, args.max_kl, args.line_search_steps)
-            step_norm = 0.5 ** steps * full_step.norm().item() if steps >= 0 else 0.0
+            steps, step_kl, improvement = line_search(
+                params, full_step, surrogate, constraint, args.max_kl, args.line_search_steps
+            )
+            step_norm = 0.5**steps * full_step.norm().item() if steps >= 0 else 0.0
         else:  # natural policy gradient with a fixed step size: no line search, no KL constraint
             with torch.no_grad():
                 surrogate_old = surrogate().item()
@@ -670,14 +763,23 @@ def update(agent: Agent, optimizer: torch.optim.Adam, batch: dict[str, torch.Ten
     with torch.no_grad():
         policy_loss, largest_kl = -surrogate().item(), max_state_kl().item()
     stats = {
-        "losses/policy_loss": policy_loss, "losses/value_loss": torch.stack(v_losses).mean().item(),
-        "losses/entropy": agent.entropy().item(), "losses/grad_norm": g.norm().item(), "trpo/kl": step_kl, "trpo/max_kl": largest_kl,
-        "trpo/surrogate_improvement": improvement, "trpo/line_search_steps": steps, "trpo/cg_residual": cg_residual, "trpo/step_norm": step_norm,
-    }  # fmt: skip
+        "losses/policy_loss": policy_loss,
+        "losses/value_loss": torch.stack(v_losses).mean().item(),
+        "losses/entropy": agent.entropy().item(),
+        "losses/grad_norm": g.norm().item(),
+        "trpo/kl": step_kl,
+        "trpo/max_kl": largest_kl,
+        "trpo/surrogate_improvement": improvement,
+        "trpo/line_search_steps": steps,
+        "trpo/cg_residual": cg_residual,
+        "trpo/step_norm": step_norm,
+    }
     stats["trpo/zero_gradient"] = float(not g.any())
     if vine is not None:  # the constraint bounds the KL over the rollout set's N states; this is the KL over the trunk's
         with torch.no_grad():
-            stats["trpo/trunk_kl"] = gaussian_kl(trunk_mean_old, log_std_old, agent.actor_mean(batch["obs"]), agent.actor_logstd).mean().item()
+            stats["trpo/trunk_kl"] = (
+                gaussian_kl(trunk_mean_old, log_std_old, agent.actor_mean(batch["obs"]), agent.actor_logstd).mean().item()
+            )
     return stats | {k: v.item() for k, v in ratio_stats(agent, samples).items()}
 
 
@@ -697,14 +799,24 @@ def train(args: Args) -> dict[str, float]:
     if checkpoint is None:
         args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
     else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
-        taken = ("resume", "total_timesteps", "cuda", "compile")  # the device and the compiler are the machine's, not the run's
+        # The device and the compiler are the machine's, not the run's.
+        taken = ("resume", "total_timesteps", "cuda", "compile")
         ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
         if ignored:
-            print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
+            print(
+                f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr
+            )
         total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
         if total_timesteps < checkpoint["global_step"]:
-            raise ArgsError(f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps")
-        args = Args(**(checkpoint["args"] | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}))
+            raise ArgsError(
+                f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps"
+            )
+        args = Args(
+            **(
+                checkpoint["args"]
+                | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}
+            )
+        )
     check_args(args)
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     obs_dim, act_dim = check_env(args.env_id, env_kwargs, restorable=args.sampling == "vine")
@@ -727,7 +839,8 @@ def train(args: Args) -> dict[str, float]:
     checkpointing = args.save_model or args.checkpoint_interval > 0
     check_writable(run_dir)
     tracking = start_tracking(args, run_dir) if args.track else None
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)  # drop what was logged after the checkpoint
+    # On resume, what was logged after the checkpoint is dropped.
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -739,8 +852,13 @@ def train(args: Args) -> dict[str, float]:
     if args.cuda and device.type == "cpu":
         print("note: no GPU is available; training on the CPU", file=sys.stderr)
 
-    envs = make_envs(args.env_id, args.num_envs, args.async_envs, os.path.join(run_dir, "videos") if args.capture_video else None,
-                     env_kwargs)  # fmt: skip
+    envs = make_envs(
+        args.env_id,
+        args.num_envs,
+        args.async_envs,
+        os.path.join(run_dir, "videos") if args.capture_video else None,
+        env_kwargs,
+    )
     branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions)] if vine else []
     for env in branch_envs:
         env.reset(seed=args.seed)  # their state is always restored from the trunk's before they step
@@ -767,7 +885,11 @@ def train(args: Args) -> dict[str, float]:
     with stop_requests() as stop_requested:
         while global_step + iteration_steps <= args.total_timesteps:
             iteration += 1
-            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device) if checkpointing else None
+            last_good = (
+                checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device)
+                if checkpointing
+                else None
+            )
             try:
                 lr = args.vf_learning_rate * (1.0 - global_step / budget) if args.anneal_lr else args.vf_learning_rate
                 optimizer.param_groups[0]["lr"] = lr
@@ -779,9 +901,11 @@ def train(args: Args) -> dict[str, float]:
                     sub_envs = envs.unwrapped.envs
 
                     def snapshot(t: int) -> None:
-                        snapshots.update({(t, i): save_state(sub_envs[i]) for step, i in rollout_set if step == t})
+                        snapshots.update({(t, i): save_state(sub_envs[i]) for step, i in rollout_set if step == t})  # noqa: B023 (called in this iteration)
 
-                rollout_batch, obs, episodes = rollout(envs, agent, normalizer, obs, args.num_steps, snapshot if vine else None)
+                rollout_batch, obs, episodes = rollout(
+                    envs, agent, normalizer, obs, args.num_steps, snapshot if vine else None
+                )
                 for t, episodic_return, episodic_length in episodes:
                     step = global_step + (t + 1) * args.num_envs
                     writer.add_scalar("charts/episodic_return", episodic_return, step)
@@ -790,8 +914,15 @@ def train(args: Args) -> dict[str, float]:
                 global_step += batch_size
                 if vine:
                     state_obs = np.stack([rollout_batch["obs"][t, i] for t, i in rollout_set])
-                    branches, branch_steps = vine_rollouts(branch_envs, [snapshots[key] for key in rollout_set], state_obs, agent,
-                                                           normalizer, args.gamma, args.vine_horizon)  # fmt: skip
+                    branches, branch_steps = vine_rollouts(
+                        branch_envs,
+                        [snapshots[key] for key in rollout_set],
+                        state_obs,
+                        agent,
+                        normalizer,
+                        args.gamma,
+                        args.vine_horizon,
+                    )
                     global_step += branch_steps
 
                 update_start = time.perf_counter()
@@ -801,17 +932,27 @@ def train(args: Args) -> dict[str, float]:
                 if vine:
                     stats |= {"trpo/branch_steps": branch_steps, "trpo/q_spread": vine_batch["q_values"].std(1).mean().item()}
                 update_end = time.perf_counter()
-                check_finite({"the normalized observation": batch["obs"]} | {k: v for k, v in stats.items() if k.startswith("losses/")}
-                             | {f"the parameter {name}": p for name, p in agent.named_parameters()}
-                             | {"the running observation mean or variance": np.concatenate([normalizer.obs_rms.mean, normalizer.obs_rms.var]),
-                                "the running return variance": normalizer.ret_rms.var}, "after the update")  # fmt: skip
+                check_finite(
+                    {"the normalized observation": batch["obs"]}
+                    | {k: v for k, v in stats.items() if k.startswith("losses/")}
+                    | {f"the parameter {name}": p for name, p in agent.named_parameters()}
+                    | {
+                        "the running observation mean or variance": np.concatenate(
+                            [normalizer.obs_rms.mean, normalizer.obs_rms.var]
+                        ),
+                        "the running return variance": normalizer.ret_rms.var,
+                    },
+                    "after the update",
+                )
 
                 sps = int((global_step - start_step) / (update_end - start_time))
                 stats |= {
-                    "charts/SPS": sps, "charts/learning_rate": lr,
+                    "charts/SPS": sps,
+                    "charts/learning_rate": lr,
                     "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
-                    "perf/rollout_time": update_start - rollout_start, "perf/update_time": update_end - update_start,
-                }  # fmt: skip
+                    "perf/rollout_time": update_start - rollout_start,
+                    "perf/update_time": update_end - update_start,
+                }
                 for tag, value in stats.items():
                     writer.add_scalar(tag, value, global_step)
                 mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
@@ -825,12 +966,18 @@ def train(args: Args) -> dict[str, float]:
                 writer.close()
                 for env in [envs, *branch_envs]:
                     env.close()
-                kept = f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}" if checkpointing else ""
+                kept = (
+                    f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}"
+                    if checkpointing
+                    else ""
+                )
                 raise NumericalFault(f"{args.env_id}, iteration {iteration}: {fault}{kept}") from None
 
             stopped_by = stop_requested()
             if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
-                save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
+                save_checkpoint(
+                    checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device)
+                )
             if stopped_by:
                 break
 
@@ -838,8 +985,11 @@ def train(args: Args) -> dict[str, float]:
     for env in [envs, *branch_envs]:
         env.close()
     if stopped_by:
-        print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
-              + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""), file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
+            + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""),
+            file=sys.stderr,
+        )
     elif checkpointing:
         save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
         if args.save_model:
@@ -873,37 +1023,63 @@ def check_args(args: Args) -> None:
     NaN fails it (`not 0 < x < inf` is True for NaN), and `< inf` refuses infinities."""
     inf = math.inf
     batch_size = args.num_envs * args.num_steps
-    max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))  # env i of iteration k: seed + k num_envs + i
+    # Environment i of iteration k is seeded with seed + k num_envs + i.
+    max_seed = 2**32 - args.num_envs * (args.total_timesteps // max(batch_size, 1))
     checks = [
-        ("/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
-         "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)"),
+        (
+            "/" in args.exp_name or "__" in args.exp_name or args.exp_name.strip(".") == "",
+            "--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)",
+        ),
         (args.track and importlib.util.find_spec("wandb") is None, "--track needs the wandb package: pip install wandb"),
         (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
-        (args.total_timesteps < batch_size, f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)"),
-        (max_seed < 0, f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
-                       "iteration k) must stay below 2^32"),
+        (
+            args.total_timesteps < batch_size,
+            f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)",
+        ),
+        (
+            max_seed < 0,
+            f"--total-timesteps {args.total_timesteps} is too many: the environments' seeds (seed + k num_envs + i in "
+            "iteration k) must stay below 2^32",
+        ),
         (not 0 <= args.seed <= max_seed, f"--seed must be between 0 and {max_seed}"),
-        (args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
-         f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps"),
+        (
+            args.num_minibatches < 1 or batch_size % args.num_minibatches != 0,
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} steps",
+        ),
         (not 0 <= args.gamma <= 1 or not 0 <= args.gae_lambda <= 1, "--gamma and --gae-lambda must be in [0, 1]"),
         (args.checkpoint_interval < 0, "--checkpoint-interval must be 0 or positive"),
         (not 0 <= args.ent_coef < inf, "--ent-coef must be 0 or positive, and finite"),
         (not -inf < args.init_log_std < inf, "--init-log-std must be finite"),
         (not 0 < args.vf_learning_rate < inf, "--vf-learning-rate must be positive and finite"),
-        (not (1 <= args.vf_iters <= 1000 and 1 <= args.cg_iters <= 1000 and 1 <= args.line_search_steps <= 60),
-         "--vf-iters and --cg-iters must be between 1 and 1000, --line-search-steps between 1 and 60 (0.5^60 ~ 1e-18)"),
+        (
+            not (1 <= args.vf_iters <= 1000 and 1 <= args.cg_iters <= 1000 and 1 <= args.line_search_steps <= 60),
+            "--vf-iters and --cg-iters must be between 1 and 1000, --line-search-steps between 1 and 60 (0.5^60 ~ 1e-18)",
+        ),
         (args.norm_adv and batch_size < 2, "--norm-adv cannot standardize the advantages of a batch of one sample"),
-        (not 0 < args.max_kl < inf or not 0 < args.npg_step_size < inf, "--max-kl and --npg-step-size must be positive and finite"),
+        (
+            not 0 < args.max_kl < inf or not 0 < args.npg_step_size < inf,
+            "--max-kl and --npg-step-size must be positive and finite",
+        ),
         (not 0 <= args.cg_damping < inf, "--cg-damping must be 0 or positive, and finite"),
-        (args.sampling == "vine" and not 1 <= args.vine_states <= batch_size,
-         f"--vine-states must be between 1 and the trunk's {batch_size} steps (--num-envs x --num-steps)"),
-        (args.sampling == "vine" and (args.vine_actions < 2 or args.vine_horizon < 1),
-         "--vine-actions must be at least 2 (eq. (17) compares the actions of a state) and --vine-horizon at least 1"),
-        (args.sampling == "vine" and args.async_envs, "--sampling vine saves the trunk's states, which --async-envs keeps in subprocesses"),
-        (args.sampling == "vine" and args.total_timesteps < batch_size + args.vine_states * args.vine_actions * args.vine_horizon,
-         f"--total-timesteps {args.total_timesteps} is smaller than one vine iteration ({batch_size} trunk + "
-         f"{args.vine_states * args.vine_actions * args.vine_horizon} branch steps)"),
-    ]  # fmt: skip
+        (
+            args.sampling == "vine" and not 1 <= args.vine_states <= batch_size,
+            f"--vine-states must be between 1 and the trunk's {batch_size} steps (--num-envs x --num-steps)",
+        ),
+        (
+            args.sampling == "vine" and (args.vine_actions < 2 or args.vine_horizon < 1),
+            "--vine-actions must be at least 2 (eq. (17) compares the actions of a state) and --vine-horizon at least 1",
+        ),
+        (
+            args.sampling == "vine" and args.async_envs,
+            "--sampling vine saves the trunk's states, which --async-envs keeps in subprocesses",
+        ),
+        (
+            args.sampling == "vine"
+            and args.total_timesteps < batch_size + args.vine_states * args.vine_actions * args.vine_horizon,
+            f"--total-timesteps {args.total_timesteps} is smaller than one vine iteration ({batch_size} trunk + "
+            f"{args.vine_states * args.vine_actions * args.vine_horizon} branch steps)",
+        ),
+    ]
     for failed, message in checks:
         if failed:
             raise ArgsError(message)
@@ -917,7 +1093,9 @@ def parse_env_kwargs(items: tuple[str, ...]) -> dict:
         if not sep or not key.isidentifier():
             raise ArgsError(f"--env-kwargs takes KEY=VALUE, not '{item}'")
         if key == "render_mode":  # the scripts' own: rgb_array with --capture-video, else none (human needs a display)
-            raise ArgsError("--env-kwargs cannot set render_mode: the script sets it (--capture-video records rgb_array frames)")
+            raise ArgsError(
+                "--env-kwargs cannot set render_mode: the script sets it (--capture-video records rgb_array frames)"
+            )
         try:
             kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
         except (ValueError, SyntaxError):
@@ -932,18 +1110,27 @@ def check_env(env_id: str, env_kwargs: dict, restorable: bool = False) -> tuple[
         env = gym.make(env_id, **env_kwargs)
     except (gym.error.NameNotFound, gym.error.NamespaceNotFound, gym.error.VersionNotFound):
         close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
-        raise ArgsError(f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")) from None
+        raise ArgsError(
+            f"unknown environment id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else "")
+        ) from None
     except Exception as e:  # a missing dependency, a bad entry point, ...
-        raise ArgsError(f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ArgsError(
+            f"cannot make environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     obs_space, act_space, base = env.observation_space, env.action_space, env.unwrapped
     try:
         env.reset(seed=0)  # an environment that builds but cannot reset is refused here, not in the middle of a run
     except Exception as e:
-        raise ArgsError(f"cannot reset environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ArgsError(
+            f"cannot reset environment '{env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     finally:
         env.close()
     if restorable and not isinstance(base, MujocoEnv):
-        raise ArgsError(f"--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only; {env_id} is not one")
+        raise ArgsError(
+            "--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only; "
+            f"{env_id} is not one"
+        )
     if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
         raise ArgsError(f"{env_id} has action space {act_space}; this script needs a 1-D Box (continuous actions)")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
@@ -951,16 +1138,31 @@ def check_env(env_id: str, env_kwargs: dict, restorable: bool = False) -> tuple[
     return obs_space.shape[0], act_space.shape[0]
 
 
-def checkpoint_state(agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, args: Args,
-                     global_step: int, iteration: int, device: torch.device) -> dict:  # fmt: skip
+def checkpoint_state(
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    normalizer: Normalizer,
+    args: Args,
+    global_step: int,
+    iteration: int,
+    device: torch.device,
+) -> dict:
     """Everything needed to evaluate the policy or to continue the run, copied (of the random generators, the CPU's and
     that of the GPU the run uses, if it uses one)."""
-    return copy.deepcopy({
-        "algo": "trpo_continuous", "args": asdict(args), "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
-        "global_step": global_step, "iteration": iteration,
-        "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "normalizer": normalizer.state_dict(),
-        "rng": torch.get_rng_state(), "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-    })  # fmt: skip
+    return copy.deepcopy(
+        {
+            "algo": "trpo_continuous",
+            "args": asdict(args),
+            "env_kwargs": parse_env_kwargs(args.env_kwargs),  # for utils.evaluate
+            "global_step": global_step,
+            "iteration": iteration,
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "normalizer": normalizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+        }
+    )
 
 
 def start_tracking(args: Args, run_dir: str):
@@ -970,8 +1172,17 @@ def start_tracking(args: Args, run_dir: str):
     import wandb  # only with --track: the script runs without wandb installed
 
     name = os.path.basename(os.path.normpath(run_dir))
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=name, id=hashlib.sha1(name.encode()).hexdigest()[:16],
-                      resume="allow", config=asdict(args), sync_tensorboard=True, monitor_gym=args.capture_video, save_code=True)  # fmt: skip
+    return wandb.init(
+        project=args.wandb_project_name,
+        entity=args.wandb_entity,
+        name=name,
+        id=hashlib.sha1(name.encode()).hexdigest()[:16],
+        resume="allow",
+        config=asdict(args),
+        sync_tensorboard=True,
+        monitor_gym=args.capture_video,
+        save_code=True,
+    )
 
 
 def check_memory(batch_size: int, obs_dim: int, act_dim: int) -> None:
@@ -981,8 +1192,11 @@ def check_memory(batch_size: int, obs_dim: int, act_dim: int) -> None:
     needed = 3 * 4 * batch_size * (2 * obs_dim + act_dim + 3)
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
-        raise ArgsError(f"a batch of {batch_size:,} steps needs about {needed / 2**30:,.0f} GiB; this machine has {available / 2**30:,.0f} GiB "
-                        "(--num-envs x --num-steps)")  # fmt: skip
+        raise ArgsError(
+            f"a batch of {batch_size:,} steps needs about {needed / 2**30:,.0f} GiB; "
+            f"this machine has {available / 2**30:,.0f} GiB "
+            "(--num-envs x --num-steps)"
+        )
 
 
 def check_writable(run_dir: str) -> None:

@@ -56,7 +56,7 @@ class AlignedEnv(gym.Env):
                 os.kill(os.getpid(), signal.SIGINT)
         self.v = 0.9 * self.v + 0.1 * float(action[0])
         self.x += self.v + 0.01
-        return np.array([self.x, self.v]), -self.x**2, False, False, {}
+        return np.array([self.x, self.v]), -(self.x**2), False, False, {}
 
 
 ALIGNED_ID = "tests/Aligned-v0"
@@ -101,6 +101,10 @@ class BrokenReset(gym.Env):
         raise RuntimeError("the simulator failed to start")
 
 
-for env_id, entry_point in [("tests/NaNAfter-v0", NaNAfter), ("tests/DictObservation-v0", DictObservation), ("tests/BrokenReset-v0", BrokenReset)]:
+for env_id, entry_point in [
+    ("tests/NaNAfter-v0", NaNAfter),
+    ("tests/DictObservation-v0", DictObservation),
+    ("tests/BrokenReset-v0", BrokenReset),
+]:
     if env_id not in gym.registry:
         gym.register(env_id, entry_point=entry_point)

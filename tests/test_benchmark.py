@@ -14,7 +14,9 @@ TINY = ["--num-steps", "1024", "--no-compile"]  # tiny jobs: compiling would tak
 
 
 def _args(tmp_path, **kwargs):
-    return benchmark.Args(**(dict(env_ids=("InvertedPendulum-v5",), total_timesteps=1024, out_dir=str(tmp_path / "sweep"), workers=2) | kwargs))
+    return benchmark.Args(
+        **(dict(env_ids=("InvertedPendulum-v5",), total_timesteps=1024, out_dir=str(tmp_path / "sweep"), workers=2) | kwargs)
+    )
 
 
 def test_dry_run_lists_the_jobs_and_runs_nothing(tmp_path, capsys):
@@ -32,7 +34,9 @@ def test_local_sweep_runs_skips_finished_jobs_and_resumes_interrupted_ones(tmp_p
     args = _args(tmp_path, algos=("ppo", "trefree"), seeds=(1, 2))
     assert benchmark.main(args, TINY) == 0
     sweep = tmp_path / "sweep"
-    assert sorted(os.listdir(sweep / "done")) == sorted(f"InvertedPendulum-v5__{a}_continuous__{s}" for a in ("ppo", "trefree") for s in (1, 2))
+    assert sorted(os.listdir(sweep / "done")) == sorted(
+        f"InvertedPendulum-v5__{a}_continuous__{s}" for a in ("ppo", "trefree") for s in (1, 2)
+    )
     assert (sweep / "curves.png").exists() and (sweep / "curves_ratios.png").exists()
     captured = capsys.readouterr()
     out = captured.out
@@ -80,13 +84,21 @@ def test_slurm_submission_without_a_cluster(tmp_path, monkeypatch):
     monkeypatch.setattr(submitit.slurm.slurm.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # no srun here
     args = _args(tmp_path, slurm_partition="gpu", slurm_time=90, slurm_cpus_per_task=2, slurm_gpus_per_task=1, workers=6)
     executor = benchmark.make_executor(args, str(tmp_path), cluster="slurm")._executor
-    assert executor.parameters == {"time": 90, "cpus_per_task": 2, "job_name": "benchmark", "array_parallelism": 6,
-                                   "partition": "gpu", "gpus_per_task": 1}  # fmt: skip
+    assert executor.parameters == {
+        "time": 90,
+        "cpus_per_task": 2,
+        "job_name": "benchmark",
+        "array_parallelism": 6,
+        "partition": "gpu",
+        "gpus_per_task": 1,
+    }
     script = executor._make_submission_file_text("COMMAND", "uid")
     for line in ["#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --cpus-per-task=2", "#SBATCH --gpus-per-task=1"]:
         assert line in script
     commands = [benchmark.job_command(job, args, [], str(tmp_path)) for job in benchmark.make_jobs(args)]
-    assert len(commands) == 9 and {c[1] for c in commands} == {os.path.join(ROOT, f"{a}_continuous.py") for a in ("trefree", "ppo", "trpo")}
+    assert len(commands) == 9 and {c[1] for c in commands} == {
+        os.path.join(ROOT, f"{a}_continuous.py") for a in ("trefree", "ppo", "trpo")
+    }
     assert all(c[2:8] == ["--env-id", "InvertedPendulum-v5", "--seed", c[5], "--exp-name", c[7]] for c in commands)
 
 
@@ -96,23 +108,33 @@ def test_exp_name_after_the_separator_is_refused(tmp_path):
 
 
 def test_grid_sweeps_script_flags_under_their_own_exp_names(tmp_path, capsys):
-    args = _args(tmp_path, algos=("trefree",), seeds=(1,), grid=("delta=0.03,0.1", "gamma=0.9,0.99"), tag="short", dry_run=True)
+    args = _args(
+        tmp_path, algos=("trefree",), seeds=(1,), grid=("delta=0.03,0.1", "gamma=0.9,0.99"), tag="short", dry_run=True
+    )
     assert benchmark.main(args, TINY) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "4 jobs, 0 already done, 4 to run (local)"
     names = [line.split(":")[0] for line in lines[1:]]
-    assert names == [f"InvertedPendulum-v5__trefree_continuous_delta{d}_gamma{g}_short__1" for d in ("0.03", "0.1") for g in ("0.9", "0.99")]
-    assert lines[1].endswith("--exp-name trefree_continuous_delta0.03_gamma0.9_short --save-model --checkpoint-interval 20 "
-                             "--total-timesteps 1024 --delta 0.03 --gamma 0.9 --num-steps 1024 --no-compile)")  # fmt: skip
+    assert names == [
+        f"InvertedPendulum-v5__trefree_continuous_delta{d}_gamma{g}_short__1" for d in ("0.03", "0.1") for g in ("0.9", "0.99")
+    ]
+    assert lines[1].endswith(
+        "--exp-name trefree_continuous_delta0.03_gamma0.9_short --save-model --checkpoint-interval 20 "
+        "--total-timesteps 1024 --delta 0.03 --gamma 0.9 --num-steps 1024 --no-compile)"
+    )
 
 
 def test_runs_already_in_a_results_csv_are_skipped(tmp_path, capsys):
     csv_path = tmp_path / "runs.csv"
-    csv_path.write_text("env_id,exp_name,seed,kind,step,value,value2\n"
-                        "InvertedPendulum-v5,ppo_continuous_clip-coef0.2,1,curve,1000,5,\n"
-                        "InvertedPendulum-v5,ppo_continuous_clip-coef0.2,1,final,,5,\n"
-                        "InvertedPendulum-v5,ppo_continuous_clip-coef0.1,2,curve,1000,5,\n")  # fmt: skip
-    args = _args(tmp_path, algos=("ppo",), seeds=(1, 2), grid=("clip-coef=0.1,0.2",), skip_runs_in=(str(csv_path),), dry_run=True)
+    csv_path.write_text(
+        "env_id,exp_name,seed,kind,step,value,value2\n"
+        "InvertedPendulum-v5,ppo_continuous_clip-coef0.2,1,curve,1000,5,\n"
+        "InvertedPendulum-v5,ppo_continuous_clip-coef0.2,1,final,,5,\n"
+        "InvertedPendulum-v5,ppo_continuous_clip-coef0.1,2,curve,1000,5,\n"
+    )
+    args = _args(
+        tmp_path, algos=("ppo",), seeds=(1, 2), grid=("clip-coef=0.1,0.2",), skip_runs_in=(str(csv_path),), dry_run=True
+    )
     assert benchmark.main(args, TINY) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "4 jobs, 1 already done, 3 to run (local)"  # a run with no `final` row has not finished
@@ -136,11 +158,21 @@ def test_bad_sweep_arguments_are_refused(tmp_path, kwargs, message):
 
 
 def test_grid_items_for_one_algorithm(tmp_path, capsys):
-    args = _args(tmp_path, algos=("trefree", "ppo", "trpo"), seeds=(1,), grid=("trefree:delta=0.1,0.3", "ppo:clip-coef=0.3"), dry_run=True)
+    args = _args(
+        tmp_path,
+        algos=("trefree", "ppo", "trpo"),
+        seeds=(1,),
+        grid=("trefree:delta=0.1,0.3", "ppo:clip-coef=0.3"),
+        dry_run=True,
+    )
     assert benchmark.main(args, []) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]]
-    assert names == ["InvertedPendulum-v5__trefree_continuous_delta0.1__1", "InvertedPendulum-v5__trefree_continuous_delta0.3__1",
-                     "InvertedPendulum-v5__ppo_continuous_clip-coef0.3__1", "InvertedPendulum-v5__trpo_continuous__1"]  # fmt: skip
+    assert names == [
+        "InvertedPendulum-v5__trefree_continuous_delta0.1__1",
+        "InvertedPendulum-v5__trefree_continuous_delta0.3__1",
+        "InvertedPendulum-v5__ppo_continuous_clip-coef0.3__1",
+        "InvertedPendulum-v5__trpo_continuous__1",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -170,14 +202,20 @@ def test_plot_names_a_corrupt_event_file_instead_of_skipping_it(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "events.out.tfevents.1.host").write_bytes(bytes(range(256)) * 8)
     env = os.environ | {"PYTHONPATH": ROOT}
-    result = subprocess.run([sys.executable, "-m", "utils.plot", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.plot", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith("error: the event file runs/Hopper-v5__ppo_continuous__1__1/events.out.tfevents.1.host is corrupt")
+    assert result.stderr.startswith(
+        "error: the event file runs/Hopper-v5__ppo_continuous__1__1/events.out.tfevents.1.host is corrupt"
+    )
     assert sorted(os.listdir(tmp_path)) == ["runs"]
 
 
 def test_track_reaches_every_job_with_its_project_and_entity(tmp_path, capsys):
-    args = _args(tmp_path, algos=("ppo", "trpo"), seeds=(1,), track=True, wandb_project_name="proj", wandb_entity="team", dry_run=True)
+    args = _args(
+        tmp_path, algos=("ppo", "trpo"), seeds=(1,), track=True, wandb_project_name="proj", wandb_entity="team", dry_run=True
+    )
     assert benchmark.main(args, []) == 0
     commands = capsys.readouterr().out.splitlines()[1:]
     assert len(commands) == 2 and all("--track --wandb-project-name proj --wandb-entity team" in line for line in commands)

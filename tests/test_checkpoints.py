@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ALIGNED_ID, INTERRUPT, only_run_dir
 from torch.utils.tensorboard import SummaryWriter
 
-from helpers import ALIGNED_ID, INTERRUPT, only_run_dir
 from utils import evaluate as evaluation
 from utils import plot
 from utils.logs import read_scalars
@@ -69,11 +69,17 @@ def test_evaluation_rebuilds_the_policy_with_the_training_statistics_frozen(algo
 
 def test_env_kwargs_reach_the_environments_the_checkpoint_and_the_evaluation(algo):
     kwargs = ("include_cfrc_ext_in_observation=False", "healthy_z_range=(0.2, 1.0)", "xml_file=ant.xml")
-    algo.train(algo.Args(env_id="Ant-v5", env_kwargs=kwargs, total_timesteps=64, num_steps=64, num_minibatches=2, save_model=True))
+    algo.train(
+        algo.Args(env_id="Ant-v5", env_kwargs=kwargs, total_timesteps=64, num_steps=64, num_minibatches=2, save_model=True)
+    )
     path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["args"]["env_kwargs"] == kwargs  # a resumed run gets them back with its arguments
-    assert checkpoint["env_kwargs"] == {"include_cfrc_ext_in_observation": False, "healthy_z_range": (0.2, 1.0), "xml_file": "ant.xml"}
+    assert checkpoint["env_kwargs"] == {
+        "include_cfrc_ext_in_observation": False,
+        "healthy_z_range": (0.2, 1.0),
+        "xml_file": "ant.xml",
+    }
     assert checkpoint["normalizer"]["obs_rms"]["mean"].shape == (27,)  # Ant-v5 observes 105 numbers by default
     assert len(evaluation.evaluate(path, episodes=1)) == 1  # utils.evaluate makes the same environment
     with pytest.raises(TypeError, match="unexpected keyword argument 'include_cfrc_ext_in_observation'"):
@@ -81,7 +87,16 @@ def test_env_kwargs_reach_the_environments_the_checkpoint_and_the_evaluation(alg
 
 
 def test_init_log_std_sets_the_initial_policy_standard_deviation(algo):
-    algo.train(algo.Args(env_id="InvertedPendulum-v5", init_log_std=-1.0, total_timesteps=64, num_steps=64, num_minibatches=2, save_model=True))
+    algo.train(
+        algo.Args(
+            env_id="InvertedPendulum-v5",
+            init_log_std=-1.0,
+            total_timesteps=64,
+            num_steps=64,
+            num_minibatches=2,
+            save_model=True,
+        )
+    )
     log_std = torch.load(os.path.join(only_run_dir(), f"{algo.__name__}.pt"), weights_only=True)["model"]["actor_logstd"]
     # one update moves it by less than 0.2: 20 Adam steps of 3e-4 (PPO, TREFree), a mean KL of at most 0.01 (TRPO)
     assert log_std.shape == (1,) and abs(log_std.item() + 1.0) < 0.2
@@ -163,13 +178,25 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_trains_saves_resumes_and_evaluates_on_each_device(algo, device):
     """The rollout (numpy, CPU) and the update (`device`) meet in one place; a checkpoint holds the device's
     tensors and is read on the CPU by utils.evaluate and by a resumed run on any device."""
-    args = algo.Args(env_id="InvertedPendulum-v5", total_timesteps=2 * 512, num_steps=512, num_minibatches=4, cuda=device == "cuda",
-                     save_model=True)  # fmt: skip
+    args = algo.Args(
+        env_id="InvertedPendulum-v5",
+        total_timesteps=2 * 512,
+        num_steps=512,
+        num_minibatches=4,
+        cuda=device == "cuda",
+        save_model=True,
+    )
     algo.train(args)
     path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
     assert torch.load(path, weights_only=True)["model"]["actor_logstd"].device.type == device
     for cuda in (device == "cuda", device != "cuda"):  # continue on this device, then on the other one (the CPU without a GPU)
-        summary = algo.train(algo.Args(resume=path, cuda=cuda, total_timesteps=torch.load(path, weights_only=True, map_location="cpu")["global_step"] + 512))
+        summary = algo.train(
+            algo.Args(
+                resume=path,
+                cuda=cuda,
+                total_timesteps=torch.load(path, weights_only=True, map_location="cpu")["global_step"] + 512,
+            )
+        )
         assert summary["stopped_by"] == 0
     assert torch.load(path, weights_only=True, map_location="cpu")["global_step"] == 4 * 512
     assert len(evaluation.evaluate(path, episodes=2)) == 2
@@ -200,17 +227,31 @@ def test_resume_refuses_another_scripts_checkpoint_and_non_checkpoints(tmp_path,
     foreign = os.path.join(only_run_dir(), f"{other}.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"algo": script}, tmp_path / "partial.pt")  # has "algo", lacks the rest
-    for path, message in [(foreign, f"is a checkpoint of {other}.py, not of {script}.py"), ("notes.txt", "is not a checkpoint"),
-                          ("missing.pt", "no checkpoint at"), ("partial.pt", "'partial.pt' is not a checkpoint")]:  # fmt: skip
-        result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", path],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    for path, message in [
+        (foreign, f"is a checkpoint of {other}.py, not of {script}.py"),
+        ("notes.txt", "is not a checkpoint"),
+        ("missing.pt", "no checkpoint at"),
+        ("partial.pt", "'partial.pt' is not a checkpoint"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", path],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
 def test_evaluate_command_refuses_a_non_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    result = subprocess.run([sys.executable, "-m", "utils.evaluate", str(tmp_path / "notes.txt")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.evaluate", str(tmp_path / "notes.txt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.strip() == f"error: '{tmp_path / 'notes.txt'}' is not a checkpoint"
 
 
@@ -226,7 +267,10 @@ def test_evaluation_records_a_video():
             pytest.skip(f"no OpenGL backend for headless rendering: {e}")
         raise
     videos = os.listdir(os.path.join(os.path.dirname(path), "videos_eval"))
-    assert videos == ["eval-episode-0.mp4"] and os.path.getsize(os.path.join(os.path.dirname(path), "videos_eval", videos[0])) > 1000
+    assert (
+        videos == ["eval-episode-0.mp4"]
+        and os.path.getsize(os.path.join(os.path.dirname(path), "videos_eval", videos[0])) > 1000
+    )
 
 
 def test_plot_writes_figures_and_the_final_returns_table_and_reads_its_csv_back(tmp_path):
@@ -244,7 +288,10 @@ def test_plot_writes_figures_and_the_final_returns_table_and_reads_its_csv_back(
     runs = plot.load_runs(str(tmp_path / "runs"))
     table = plot.final_returns_table(runs).splitlines()
     # ppo: seed 1 -> mean(28, 29) = 28.5, seed 2 -> 38.5: 33.5 ± 7.07; trefree: +100; SPS: mean(1000, 2000)
-    expected = ["| Hopper-v5 | ppo_continuous | 2 | 33.5 ± 7.1 | 1,500 |", "| Hopper-v5 | trefree_continuous | 2 | 133.5 ± 7.1 | 1,500 |"]
+    expected = [
+        "| Hopper-v5 | ppo_continuous | 2 | 33.5 ± 7.1 | 1,500 |",
+        "| Hopper-v5 | trefree_continuous | 2 | 133.5 ± 7.1 | 1,500 |",
+    ]
     assert table[2:] == expected
     curves, ratios = plot.plot(runs, str(tmp_path / "curves.png"))
     for path in (curves, ratios):

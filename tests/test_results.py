@@ -20,7 +20,12 @@ def test_ratio_table_against_hand_computed_logs():
 
 
 def test_normalized_scores_and_their_iqm_against_hand_computed_values():
-    runs = [_run("A-v5", "ref", 1, 100.0), _run("A-v5", "ref", 2, 300.0), _run("B-v5", "ref", 1, 10.0), _run("B-v5", "ref", 2, 30.0)]
+    runs = [
+        _run("A-v5", "ref", 1, 100.0),
+        _run("A-v5", "ref", 2, 300.0),
+        _run("B-v5", "ref", 1, 10.0),
+        _run("B-v5", "ref", 2, 30.0),
+    ]
     runs += [_run("A-v5", "x", s, 100.0 * s) for s in (1, 2, 3, 4)] + [_run("B-v5", "x", s, 2.0 * s) for s in (1, 2, 3, 4)]
     runs += [_run("A-v5", "only_a", 1, 50.0)]  # not on every environment: left out of the aggregate
     scores = plot.normalized_scores(runs, "ref")
@@ -56,7 +61,9 @@ def test_grid_value_reads_the_exp_names_of_a_grid_sweep(exp_name, flag, expected
 
 
 def test_sensitivity_figure(tmp_path):
-    runs = [_run(env, f"trefree_continuous_delta{d}", s, d * s) for env in ("A-v5", "B-v5") for d in (0.01, 0.1) for s in (1, 2)]
+    runs = [
+        _run(env, f"trefree_continuous_delta{d}", s, d * s) for env in ("A-v5", "B-v5") for d in (0.01, 0.1) for s in (1, 2)
+    ]
     runs += [_run(env, f"ppo_continuous_clip-coef{e}", s, e) for env in ("A-v5", "B-v5") for e in (0.1, 0.2) for s in (1, 2)]
     path = plot.plot_sensitivity(runs, ("delta", "clip-coef"), str(tmp_path / "screen.png"))
     assert path == str(tmp_path / "screen_sensitivity.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -78,8 +85,11 @@ def test_evaluation_returns_and_episode_lengths_reach_the_table_and_the_csv(tmp_
     assert plot.final_returns_table(runs).splitlines()[2] == expected
     plot.export_runs(runs, str(tmp_path / "results" / "runs.csv"))
     assert plot.final_returns_table(plot.load_runs(str(tmp_path / "results"))).splitlines()[2] == expected
-    without = plot.Run("Ant-v5", "trpo_continuous", 1, np.array([[100.0, 5.0]]), np.zeros((0, 3)), 5.0, 900.0)  # no --save-model
-    assert plot.final_returns_table([*runs, without]).splitlines()[2:] == [expected, "| Ant-v5 | trpo_continuous | 1 | 5.0 ± 0.0 | – | – | 900 |"]
+    without = plot.Run("Ant-v5", "trpo_continuous", 1, np.array([[100.0, 5.0]]), np.zeros((0, 3)), 5.0, 900.0)  # no eval
+    assert plot.final_returns_table([*runs, without]).splitlines()[2:] == [
+        expected,
+        "| Ant-v5 | trpo_continuous | 1 | 5.0 ± 0.0 | – | – | 900 |",
+    ]
 
 
 def test_choose_takes_the_grid_value_with_the_highest_mean_normalized_score():
@@ -107,8 +117,13 @@ def test_curves_against_iterations_read_the_iteration_ends_and_survive_the_csv(t
 
 
 def test_runs_from_several_folders_filtered_by_name_and_environment_and_never_counted_twice(tmp_path):
-    plot.export_runs([_run("A-v5", "trpo_continuous", 1, 1.0), _run("A-v5", "ppo_continuous", 1, 2.0)], str(tmp_path / "a" / "runs.csv"))
-    plot.export_runs([_run("A-v5", "ppo_continuous_clip-coef0.3", 2, 3.0), _run("B-v5", "ppo_continuous", 1, 4.0)], str(tmp_path / "b" / "runs.csv"))
+    plot.export_runs(
+        [_run("A-v5", "trpo_continuous", 1, 1.0), _run("A-v5", "ppo_continuous", 1, 2.0)], str(tmp_path / "a" / "runs.csv")
+    )
+    plot.export_runs(
+        [_run("A-v5", "ppo_continuous_clip-coef0.3", 2, 3.0), _run("B-v5", "ppo_continuous", 1, 4.0)],
+        str(tmp_path / "b" / "runs.csv"),
+    )
     folders = (str(tmp_path / "a"), str(tmp_path / "b"))
     names = {(run.exp_name, run.seed) for run in plot.select_runs(folders, ("trpo_continuous", "ppo_*_clip-coef*"))}
     assert names == {("trpo_continuous", 1), ("ppo_continuous_clip-coef0.3", 2)}
@@ -140,8 +155,12 @@ def test_comparison_verdicts_on_runs_with_known_differences(tmp_path):
     for env_id, base in (("A-v5", 1000.0), ("B-v5", 200.0)):
         for seed in range(1, 11):
             ref = base + 10.0 * seed
-            runs += [_scored_run(env_id, "ref", seed, ref), _scored_run(env_id, "better", seed, ref + 100.0),
-                     _scored_run(env_id, "same", seed, ref), _scored_run(env_id, "worse", seed, ref - 50.0)]  # fmt: skip
+            runs += [
+                _scored_run(env_id, "ref", seed, ref),
+                _scored_run(env_id, "better", seed, ref + 100.0),
+                _scored_run(env_id, "same", seed, ref),
+                _scored_run(env_id, "worse", seed, ref - 50.0),
+            ]
     random = {"A-v5": 0.0, "B-v5": 100.0}
     tables, normalized = plot.compare(runs, ("better", "ref", "same"), random, reps=2000)
     final = tables.split("**sample efficiency")[0]
@@ -152,7 +171,11 @@ def test_comparison_verdicts_on_runs_with_known_differences(tmp_path):
     assert row.split(" | ")[4].startswith("+100.0 [") and 60 < low < 100 < high < 140 and row.split(" | ")[5] == "better"
     # normalized: (x - random) / (ref's mean - random); ref's mean on B is 255, so `better` on B scores (ref + 100 - 100) / 155
     np.testing.assert_allclose(normalized["ref"][:, 1], (200.0 + 10.0 * np.arange(1, 11) - 100.0) / 155.0)
-    aggregate = {line.split(" | ")[0].strip("| "): line for line in final.splitlines() if line.startswith("| ref |") or line.startswith("| same |")}
+    aggregate = {
+        line.split(" | ")[0].strip("| "): line
+        for line in final.splitlines()
+        if line.startswith("| ref |") or line.startswith("| same |")
+    }
     # every run of `better` beats every run of `ref` (P = 1 in every resample), and the IQM intervals lie apart
     assert aggregate["ref"].endswith("1.000 [1.000, 1.000] | better beats, by a large margin (IQM intervals apart) |")
     # P(better > same) = 1 too; and against itself a method ties: `same` vs `ref`
@@ -172,15 +195,21 @@ def test_comparison_verdicts_on_runs_with_known_differences(tmp_path):
 
 
 def test_binned_curves_and_areas_survive_the_csv_and_draw_the_comparison_figures(tmp_path):
-    runs = [_scored_run(env_id, name, seed, 100.0 * seed + (50.0 if name == "b" else 0.0))
-            for env_id in ("A-v5", "B-v5") for name in ("a", "b") for seed in (1, 2, 3)]  # fmt: skip
+    runs = [
+        _scored_run(env_id, name, seed, 100.0 * seed + (50.0 if name == "b" else 0.0))
+        for env_id in ("A-v5", "B-v5")
+        for name in ("a", "b")
+        for seed in (1, 2, 3)
+    ]
     plot.export_runs(runs, str(tmp_path / "runs.csv"))
     back = {(r.env_id, r.exp_name, r.seed): r for r in plot.read_runs_csv(str(tmp_path / "runs.csv"))}
     for run in runs:
         copy = back[(run.env_id, run.exp_name, run.seed)]
         np.testing.assert_array_equal(copy.binned, run.binned)
         assert copy.auc == run.auc
-    (tmp_path / "random.csv").write_text("env_id,policy,episode,return\nA-v5,random,0,-10\nA-v5,random,1,10\nB-v5,random,0,5\n")
+    (tmp_path / "random.csv").write_text(
+        "env_id,policy,episode,return\nA-v5,random,0,-10\nA-v5,random,1,10\nB-v5,random,0,5\n"
+    )
     assert plot.read_random_returns(str(tmp_path / "random.csv")) == {"A-v5": 0.0, "B-v5": 5.0}
     _, normalized = plot.compare(runs, ("b", "a"), plot.read_random_returns(str(tmp_path / "random.csv")), reps=200)
     for path in plot.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "curves.png"), reps=200):
@@ -199,4 +228,6 @@ def test_a_run_and_its_exported_copy_count_once(tmp_path):
     writer.close()
     plot.export_runs(plot.select_runs((str(tmp_path / "sweep"),)), str(tmp_path / "results" / "runs.csv"))
     both = plot.select_runs((str(tmp_path / "sweep"), str(tmp_path / "results")))
-    assert len(both) == 1 and both[0].auc == pytest.approx(np.mean(plot.binned_curve(100.0 * np.arange(1, 501), 1.23456789 * np.arange(1, 501))[:, 1]))
+    assert len(both) == 1 and both[0].auc == pytest.approx(
+        np.mean(plot.binned_curve(100.0 * np.arange(1, 501), 1.23456789 * np.arange(1, 501))[:, 1])
+    )

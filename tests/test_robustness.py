@@ -11,15 +11,19 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from helpers import only_run_dir
+
 from utils.logs import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ["ppo_continuous", "trefree_continuous", "trpo_continuous"]
 # Each script's own learning-rate and trust-region flags.
-LEARNING_RATE = {"ppo_continuous": "learning_rate", "trefree_continuous": "learning_rate", "trpo_continuous": "vf_learning_rate"}
+LEARNING_RATE = {
+    "ppo_continuous": "learning_rate",
+    "trefree_continuous": "learning_rate",
+    "trpo_continuous": "vf_learning_rate",
+}
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -41,7 +45,12 @@ def _bad_args(name):
         ({lr: 0.0}, f"--{lr.replace('_', '-')} must be positive"),
         ({lr: float("nan")}, f"--{lr.replace('_', '-')} must be positive"),
         ({lr: float("inf")}, f"--{lr.replace('_', '-')} must be positive and finite"),
-        (dict(seed=-1), "--seed must be between 0 and 4294966808" if name != "trpo_continuous" else "--seed must be between 0 and 4294966320"),
+        (
+            dict(seed=-1),
+            "--seed must be between 0 and 4294966808"
+            if name != "trpo_continuous"
+            else "--seed must be between 0 and 4294966320",
+        ),
         (dict(seed=2**32), "--seed must be between 0 and"),
         (dict(ent_coef=float("nan")), "--ent-coef must be 0 or positive, and finite"),
         (dict(ent_coef=-0.1), "--ent-coef must be 0 or positive, and finite"),
@@ -50,32 +59,62 @@ def _bad_args(name):
         (dict(gamma=1.5), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(gae_lambda=-0.1), "--gamma and --gae-lambda must be in [0, 1]"),
         (dict(checkpoint_interval=-1), "--checkpoint-interval must be 0 or positive"),
-        (dict(env_kwargs=("include_cfrc_ext_in_observation",)), "--env-kwargs takes KEY=VALUE, not 'include_cfrc_ext_in_observation'"),
+        (
+            dict(env_kwargs=("include_cfrc_ext_in_observation",)),
+            "--env-kwargs takes KEY=VALUE, not 'include_cfrc_ext_in_observation'",
+        ),
         (dict(env_kwargs=("1x=2",)), "--env-kwargs takes KEY=VALUE, not '1x=2'"),
         (dict(env_id="Hopper-v5", env_kwargs=("foo=1",)), "cannot make environment 'Hopper-v5': "),
         (dict(exp_name="a/b"), "--exp-name must be a plain name, without '/' or '__'"),
         (dict(exp_name="a__b"), "--exp-name must be a plain name, without '/' or '__'"),
         (dict(total_timesteps=10**18), "--total-timesteps 1000000000000000000 is too many: the environments' seeds"),
         (dict(env_kwargs=("render_mode=human",)), "--env-kwargs cannot set render_mode: the script sets it"),
-        (dict(env_id="InvertedPendulum-v5", num_steps=10**12, total_timesteps=10**12), "a batch of 1,000,000,000,000 steps needs about"),
+        (
+            dict(env_id="InvertedPendulum-v5", num_steps=10**12, total_timesteps=10**12),
+            "a batch of 1,000,000,000,000 steps needs about",
+        ),
         (dict(env_id="tests/BrokenReset-v0"), "cannot reset environment 'tests/BrokenReset-v0': the simulator failed"),
     ]
     if name != "trpo_continuous":
-        cases += [(dict(vf_coef=-1.0), "--vf-coef must be positive and finite"), (dict(max_grad_norm=float("inf")), "--max-grad-norm must be positive and finite"),
-                  (dict(target_kl=float("nan")), "--target-kl must be positive and finite")]  # fmt: skip
+        cases += [
+            (dict(vf_coef=-1.0), "--vf-coef must be positive and finite"),
+            (dict(max_grad_norm=float("inf")), "--max-grad-norm must be positive and finite"),
+            (dict(target_kl=float("nan")), "--target-kl must be positive and finite"),
+        ]
     if name != "trpo_continuous":
-        cases += [(dict(update_epochs=10**9), "--update-epochs must be between 1 and 1000"), (dict(update_epochs=0), "--update-epochs must be between 1 and 1000")]
+        cases += [
+            (dict(update_epochs=10**9), "--update-epochs must be between 1 and 1000"),
+            (dict(update_epochs=0), "--update-epochs must be between 1 and 1000"),
+        ]
     if name == "ppo_continuous":
-        cases += [(dict(clip_coef=float("inf")), "--clip-coef must be positive and finite"), (dict(clip_coef=0.0), "--clip-coef must be positive and finite"),
-                  (dict(num_steps=64, num_minibatches=64), "--num-minibatches 64 leaves one sample per minibatch, whose advantage --norm-adv cannot")]  # fmt: skip
+        cases += [
+            (dict(clip_coef=float("inf")), "--clip-coef must be positive and finite"),
+            (dict(clip_coef=0.0), "--clip-coef must be positive and finite"),
+            (
+                dict(num_steps=64, num_minibatches=64),
+                "--num-minibatches 64 leaves one sample per minibatch, whose advantage --norm-adv cannot",
+            ),
+        ]
     if name == "trefree_continuous":
-        cases += [(dict(delta=0.0), "--delta must be positive (inf: no cap)"), (dict(delta=-0.01), "--delta must be positive"),
-                  (dict(delta=float("nan")), "--delta must be positive"), (dict(ratio_clip=float("inf")), "--ratio-clip and --vf-clip-coef must be positive and finite"),
-                  (dict(num_steps=64, num_minibatches=64, norm_adv="minibatch"), "--norm-adv minibatch cannot standardize the advantages of one sample")]  # fmt: skip
+        cases += [
+            (dict(delta=0.0), "--delta must be positive (inf: no cap)"),
+            (dict(delta=-0.01), "--delta must be positive"),
+            (dict(delta=float("nan")), "--delta must be positive"),
+            (dict(ratio_clip=float("inf")), "--ratio-clip and --vf-clip-coef must be positive and finite"),
+            (
+                dict(num_steps=64, num_minibatches=64, norm_adv="minibatch"),
+                "--norm-adv minibatch cannot standardize the advantages of one sample",
+            ),
+        ]
     if name == "trpo_continuous":
-        cases += [(dict(max_kl=0.0), "--max-kl and --npg-step-size must be positive"), (dict(max_kl=-1.0), "--max-kl and --npg-step-size must be positive"),
-                  (dict(max_kl=float("inf")), "--max-kl and --npg-step-size must be positive and finite"), (dict(cg_damping=float("nan")), "--cg-damping must be 0 or positive"),
-                  (dict(cg_iters=10**6), "--vf-iters and --cg-iters must be between 1 and 1000"), (dict(line_search_steps=100), "--line-search-steps between 1 and 60")]  # fmt: skip
+        cases += [
+            (dict(max_kl=0.0), "--max-kl and --npg-step-size must be positive"),
+            (dict(max_kl=-1.0), "--max-kl and --npg-step-size must be positive"),
+            (dict(max_kl=float("inf")), "--max-kl and --npg-step-size must be positive and finite"),
+            (dict(cg_damping=float("nan")), "--cg-damping must be 0 or positive"),
+            (dict(cg_iters=10**6), "--vf-iters and --cg-iters must be between 1 and 1000"),
+            (dict(line_search_steps=100), "--line-search-steps between 1 and 60"),
+        ]
     return cases
 
 
@@ -90,9 +129,21 @@ def test_bad_arguments_are_refused_before_anything_is_built(algo):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_command_line_gets_one_line_and_exit_code_2(tmp_path, script):
     flag = "--" + LEARNING_RATE[script].replace("_", "-")
-    for argv in (["--gamma", "1.5"], [flag, "-1"], ["--num-minibatches", "7"], ["--seed", "-1"], [flag, "inf"], ["--ent-coef", "nan"]):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    for argv in (
+        ["--gamma", "1.5"],
+        [flag, "-1"],
+        ["--num-minibatches", "7"],
+        ["--seed", "-1"],
+        [flag, "inf"],
+        ["--ent-coef", "nan"],
+    ):
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, f"{script}.py"), *argv],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2, (argv, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert not (tmp_path / "runs").exists()
@@ -106,7 +157,9 @@ def test_cuda_without_a_gpu_falls_back_to_the_cpu_with_a_note(algo, capsys):
 
 
 def test_nan_from_the_environment_stops_training_and_keeps_the_last_good_checkpoint(algo):
-    args = algo.Args(env_id="tests/NaNAfter-v0", total_timesteps=8 * 256, num_steps=256, num_minibatches=8, checkpoint_interval=1)
+    args = algo.Args(
+        env_id="tests/NaNAfter-v0", total_timesteps=8 * 256, num_steps=256, num_minibatches=8, checkpoint_interval=1
+    )
     with pytest.raises(algo.NumericalFault) as fault:
         algo.train(args)
     # step 600 is in the 3rd iteration (steps 513-768)
@@ -140,8 +193,19 @@ def test_nan_in_training_names_the_quantity_and_keeps_the_last_good_checkpoint(a
 
 def test_nan_fault_exits_with_code_3(tmp_path):
     env = os.environ | {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), "--env-id", "helpers:tests/NaNAfter-v0",
-           "--total-timesteps", "2048", "--num-steps", "256", "--num-minibatches", "8", "--no-compile"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "ppo_continuous.py"),
+        "--env-id",
+        "helpers:tests/NaNAfter-v0",
+        "--total-timesteps",
+        "2048",
+        "--num-steps",
+        "256",
+        "--num-minibatches",
+        "8",
+        "--no-compile",
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: helpers:tests/NaNAfter-v0, iteration 3: the environment")
@@ -150,8 +214,21 @@ def test_nan_fault_exits_with_code_3(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, script):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", "InvertedPendulum-v5",
-           "--total-timesteps", str(40 * 512), "--num-steps", "512", "--num-minibatches", "8", "--checkpoint-interval", "1", "--no-compile"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, f"{script}.py"),
+        "--env-id",
+        "InvertedPendulum-v5",
+        "--total-timesteps",
+        str(40 * 512),
+        "--num-steps",
+        "512",
+        "--num-minibatches",
+        "8",
+        "--checkpoint-interval",
+        "1",
+        "--no-compile",
+    ]
     process = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("runs/*/*.pt")) and time.time() < deadline:  # the first checkpoint: training is under way
@@ -160,13 +237,19 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, scrip
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
     path = next(tmp_path.glob(f"runs/*/{script}.pt"))
-    assert f"stopped by SIGTERM at step" in stderr and f"continue with --resume {os.path.relpath(path, tmp_path)}" in stderr
+    assert "stopped by SIGTERM at step" in stderr and f"continue with --resume {os.path.relpath(path, tmp_path)}" in stderr
     stopped_at = torch.load(path, weights_only=True)["global_step"]
     assert 0 < stopped_at < 40 * 512
     assert max(step for step, _ in read_scalars(str(path.parent))["charts/SPS"]) == stopped_at  # TensorBoard was flushed
 
-    result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", str(path), "--seed", "9", "--no-compile"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, f"{script}.py"), "--resume", str(path), "--seed", "9", "--no-compile"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "note: a resumed run keeps the arguments it was started with; ignoring --seed" in result.stderr
     assert torch.load(path, weights_only=True)["global_step"] == 40 * 512
@@ -185,7 +268,9 @@ def test_each_environment_gets_its_own_seed_derived_from_the_seed(algo):
 
 
 def test_same_seed_with_several_environments_gives_the_same_run(algo):
-    args = dict(env_id="InvertedPendulum-v5", total_timesteps=2048, num_steps=256, num_envs=4, num_minibatches=8, save_model=True)
+    args = dict(
+        env_id="InvertedPendulum-v5", total_timesteps=2048, num_steps=256, num_envs=4, num_minibatches=8, save_model=True
+    )
     for name in ("a", "b"):
         algo.train(algo.Args(exp_name=name, **args))
     a, b = (torch.load(os.path.join(only_run_dir(f"runs/*__{n}__*"), f"{n}.pt"), weights_only=True) for n in "ab")
@@ -205,7 +290,9 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(algo,
         algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=64, num_steps=64, num_minibatches=2))
     # a resumed run whose directory has become read-only (simulated: root may write anywhere) is refused before it trains
     (tmp_path / "runs").unlink()
-    algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=64, num_steps=64, num_minibatches=2, checkpoint_interval=1))
+    algo.train(
+        algo.Args(env_id="InvertedPendulum-v5", total_timesteps=64, num_steps=64, num_minibatches=2, checkpoint_interval=1)
+    )
     path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
     before = os.path.getmtime(path)
 
@@ -222,9 +309,17 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(algo,
 def test_non_finite_normalization_statistics_stop_training(algo):
     """Observations of ~1e300 overflow the running variance to inf while every normalized observation, clipped to +-10,
     stays finite: the statistics themselves are checked, and the run stops (exit 3) instead of saving them."""
-    args = algo.Args(env_id="InvertedPendulum-v5", env_kwargs=("reset_noise_scale=1e300",), total_timesteps=128, num_steps=64,
-                     num_minibatches=2, save_model=True)  # fmt: skip
-    with pytest.raises(algo.NumericalFault, match="iteration 1: the running observation mean or variance is not finite after the update"):
+    args = algo.Args(
+        env_id="InvertedPendulum-v5",
+        env_kwargs=("reset_noise_scale=1e300",),
+        total_timesteps=128,
+        num_steps=64,
+        num_minibatches=2,
+        save_model=True,
+    )
+    with pytest.raises(
+        algo.NumericalFault, match="iteration 1: the running observation mean or variance is not finite after the update"
+    ):
         algo.train(args)
 
 
@@ -237,7 +332,11 @@ def test_no_cuda_never_touches_a_gpu(algo, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_gpu_call)
     monkeypatch.setattr(torch.cuda, "get_rng_state", no_gpu_call)
-    algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=128, num_steps=64, num_minibatches=2, cuda=False, save_model=True))
+    algo.train(
+        algo.Args(
+            env_id="InvertedPendulum-v5", total_timesteps=128, num_steps=64, num_minibatches=2, cuda=False, save_model=True
+        )
+    )
     path = os.path.join(only_run_dir(), f"{algo.__name__}.pt")
     assert torch.load(path, weights_only=True)["cuda_rng"] == []
     algo.train(algo.Args(resume=path, total_timesteps=192, cuda=False))

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-
 from helpers import only_run_dir
 
 SCRIPTS = ["ppo_continuous", "trefree_continuous", "trpo_continuous"]
@@ -45,7 +44,9 @@ def test_a_tracked_run_records_config_and_scalars_offline_and_its_resume_continu
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # this test's folder, not the first tracked run's of this process
     algo = importlib.import_module(script)
-    args = algo.Args(env_id="InvertedPendulum-v5", total_timesteps=128, num_steps=64, num_minibatches=2, track=True, save_model=True)
+    args = algo.Args(
+        env_id="InvertedPendulum-v5", total_timesteps=128, num_steps=64, num_minibatches=2, track=True, save_model=True
+    )
     algo.train(args)
     run_dir = only_run_dir()
     algo.train(algo.Args(resume=os.path.join(run_dir, f"{script}.pt"), total_timesteps=192))
@@ -59,7 +60,9 @@ def test_a_tracked_run_records_config_and_scalars_offline_and_its_resume_continu
     records = [record for f in files for record in wandb_records(f)]
     config = {}
     for record in records:  # the run's config comes with its `run` record (and any later `config` record)
-        updates = record.run.config.update if record.HasField("run") else record.config.update if record.HasField("config") else []
+        updates = (
+            record.run.config.update if record.HasField("run") else record.config.update if record.HasField("config") else []
+        )
         for item in updates:
             value = json.loads(item.value_json)
             config[item.key] = value.get("value", value) if isinstance(value, dict) else value

@@ -4,7 +4,6 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from torch.func import functional_call
@@ -51,7 +50,8 @@ def _kl_hessian(agent: trpo.Agent, obs: torch.Tensor) -> torch.Tensor:
 
     def mean_kl_of(theta: torch.Tensor) -> torch.Tensor:
         chunks = theta.split([p.numel() for p in params])
-        mean_params = {name: c.view_as(p) for name, c, p in zip(names, chunks, params)}
+        # The mean network's parameters; the last chunk is the log-std.
+        mean_params = {name: c.view_as(p) for name, c, p in zip(names, chunks, params, strict=False)}
         mean = functional_call(agent.actor_mean, mean_params, (obs,))
         return trpo.gaussian_kl(mean_old, log_std_old, mean, chunks[-1]).mean()
 
@@ -75,7 +75,7 @@ def test_empirical_fvp_equals_the_dense_score_covariance():
     obs, actions = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
     params = agent.policy_parameters()
     rows = []  # one backward pass per sample: the reference score matrix
-    for o, a in zip(obs, actions):
+    for o, a in zip(obs, actions, strict=True):
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(agent.log_prob(o[None], a[None]).sum(), params)]))
     dense = torch.stack(rows)
     scores = trpo.score_matrix(agent, obs, actions)
@@ -94,18 +94,23 @@ def test_line_search_takes_the_first_step_inside_the_kl_bound():
     torch.testing.assert_close(theta.detach(), full_step / 2**5)
 
 
+def _random_line_search(generator: torch.Generator):
+    """A line search on a random problem: surrogate c . theta (may rise or fall along the step), KL s |theta - theta_old|^2."""
+    theta_old = torch.randn(4, dtype=torch.float64, generator=generator)
+    theta = torch.nn.Parameter(theta_old.clone())
+    c = torch.randn(4, dtype=torch.float64, generator=generator)
+    scale = 10 ** torch.empty(1).uniform_(-3, 3, generator=generator).item()
+    full_step = torch.randn(4, dtype=torch.float64, generator=generator)
+    steps, kl, improvement = trpo.line_search(
+        [theta], full_step, lambda: theta @ c, lambda: scale * ((theta - theta_old) ** 2).sum(), 0.01, 10
+    )
+    return steps, kl, improvement, theta, theta_old, full_step, (scale * ((theta - theta_old) ** 2).sum()).item()
+
+
 def test_line_search_never_exceeds_the_bound_and_restores_theta_when_nothing_improves():
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
-        theta_old = torch.randn(4, dtype=torch.float64, generator=generator)
-        theta = torch.nn.Parameter(theta_old.clone())
-        c = torch.randn(4, dtype=torch.float64, generator=generator)  # surrogate c . theta: may rise or fall
-        scale = 10 ** torch.empty(1).uniform_(-3, 3, generator=generator).item()
-        full_step = torch.randn(4, dtype=torch.float64, generator=generator)
-        steps, kl, improvement = trpo.line_search(
-            [theta], full_step, lambda: theta @ c, lambda: scale * ((theta - theta_old) ** 2).sum(), 0.01, 10
-        )
-        measured_kl = (scale * ((theta - theta_old) ** 2).sum()).item()
+        steps, kl, improvement, theta, theta_old, full_step, measured_kl = _random_line_search(generator)
         if steps >= 0:
             assert measured_kl <= 0.01 and kl == pytest.approx(measured_kl) and improvement > 0
             torch.testing.assert_close(theta.detach(), theta_old + 0.5**steps * full_step)
@@ -113,7 +118,9 @@ def test_line_search_never_exceeds_the_bound_and_restores_theta_when_nothing_imp
             assert torch.equal(theta.detach(), theta_old)
     # a surrogate that falls along the step: rejected, theta_old kept exactly
     theta = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
-    steps, _, _ = trpo.line_search([theta], torch.ones(2, dtype=torch.float64), lambda: -theta.sum(), lambda: theta.sum() * 0, 0.01, 10)
+    steps, _, _ = trpo.line_search(
+        [theta], torch.ones(2, dtype=torch.float64), lambda: -theta.sum(), lambda: theta.sum() * 0, 0.01, 10
+    )
     assert steps == -1 and torch.equal(theta.detach(), torch.ones(2, dtype=torch.float64))
 
 
@@ -128,7 +135,12 @@ def test_penalty_step_rule_takes_a_fixed_natural_gradient_step():
     # References at theta_old: g = grad E[r A] = E[A grad log pi] (advantages standardized), and A explicitly.
     normalized = (batch["advantages"] - batch["advantages"].mean()) / (batch["advantages"].std() + 1e-8)
     params = agent.policy_parameters()
-    g = torch.cat([p.flatten() for p in torch.autograd.grad((agent.log_prob(batch["obs"], batch["actions"]) * normalized).mean(), params)])
+    g = torch.cat(
+        [
+            p.flatten()
+            for p in torch.autograd.grad((agent.log_prob(batch["obs"], batch["actions"]) * normalized).mean(), params)
+        ]
+    )
     hessian = _kl_hessian(agent, batch["obs"])
     theta_old = parameters_to_vector(params).detach().clone()
 
@@ -147,13 +159,23 @@ def test_a_zero_policy_gradient_skips_the_policy_step(step_rule):
     with --step-rule penalty, a NaN residual with the line search). The step is skipped instead, as Baselines does ("Got
     zero gradient. not updating"): theta unchanged, every statistic finite, and `trpo/zero_gradient` says so."""
     agent = _tiny_agent()
-    batch = {"obs": torch.randn(64, 3), "actions": torch.randn(64, 2), "advantages": torch.full((64,), 2.0),
-             "values": torch.zeros(64), "returns": torch.randn(64)}  # fmt: skip
+    batch = {
+        "obs": torch.randn(64, 3),
+        "actions": torch.randn(64, 2),
+        "advantages": torch.full((64,), 2.0),
+        "values": torch.zeros(64),
+        "returns": torch.randn(64),
+    }
     batch = {k: v.double() for k, v in batch.items()}
     with torch.no_grad():
         batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
     theta_old = parameters_to_vector(agent.policy_parameters()).detach().clone()
-    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, trpo.Args(step_rule=step_rule, num_minibatches=4, vf_iters=1))
+    stats = trpo.update(
+        agent,
+        torch.optim.Adam(agent.critic.parameters()),
+        batch,
+        trpo.Args(step_rule=step_rule, num_minibatches=4, vf_iters=1),
+    )
     assert torch.equal(parameters_to_vector(agent.policy_parameters()).detach(), theta_old)
     assert stats["trpo/zero_gradient"] == 1.0 and stats["trpo/line_search_steps"] == -1 and stats["losses/grad_norm"] == 0.0
     assert all(math.isfinite(value) for value in stats.values()), stats
@@ -164,8 +186,13 @@ def test_the_full_step_has_quadratic_kl_delta_and_its_measured_kl_is_close():
     Hessian of the mean KL, equal delta (damping 0, so that A = H); on a small step the measured KL agrees to second order."""
     agent = _tiny_agent()
     torch.manual_seed(3)
-    batch = {"obs": torch.randn(64, 3), "actions": torch.randn(64, 2), "advantages": torch.randn(64), "values": torch.zeros(64),
-             "returns": torch.randn(64)}  # fmt: skip
+    batch = {
+        "obs": torch.randn(64, 3),
+        "actions": torch.randn(64, 2),
+        "advantages": torch.randn(64),
+        "values": torch.zeros(64),
+        "returns": torch.randn(64),
+    }
     batch = {k: v.double() for k, v in batch.items()}
     with torch.no_grad():
         batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
@@ -177,7 +204,8 @@ def test_the_full_step_has_quadratic_kl_delta_and_its_measured_kl_is_close():
     assert stats["trpo/line_search_steps"] == 0  # the full step was taken
     step = parameters_to_vector(agent.policy_parameters()).detach() - theta_old
     assert (0.5 * step @ hessian @ step).item() == pytest.approx(delta, rel=1e-6)
-    assert stats["trpo/kl"] == pytest.approx(delta, rel=0.01)  # the measured (analytic) KL of the step; a step aimed at delta/4 fails
+    # The measured (analytic) KL of the step; a step aimed at delta/4 fails.
+    assert stats["trpo/kl"] == pytest.approx(delta, rel=0.01)
 
 
 def test_vine_q_values_against_hand_computed_ones():
@@ -190,13 +218,14 @@ def test_vine_q_values_against_hand_computed_ones():
         last.bias.fill_(2.0)
     gamma = 0.9
     vine = {
-        "obs": np.zeros((2, 3), np.float32), "actions": np.zeros((2, 2, 2), np.float32),
+        "obs": np.zeros((2, 3), np.float32),
+        "actions": np.zeros((2, 2, 2), np.float32),
         # state 0: branch 0 ran the horizon of 3 steps (rewards 1, 1, 1), branch 1 terminated after 2 steps (rewards 1, 1)
         # state 1: branch 0 reached the time limit after 1 step (reward 5), branch 1 terminated at once (reward -1)
         "returns": np.array([[1 + gamma + gamma**2, 1 + gamma], [5.0, -1.0]], np.float32),
         "bootstrap_obs": np.ones((2, 2, 3), np.float32),
         "bootstrap_discount": np.array([[gamma**3, 0.0], [gamma, 0.0]], np.float32),
-    }  # fmt: skip
+    }
     q = trpo.make_vine_batch(agent, vine, torch.device("cpu"))["q_values"]
     expected = [[1 + gamma + gamma**2 + 2 * gamma**3, 1 + gamma], [5.0 + 2 * gamma, -1.0]]
     torch.testing.assert_close(q, torch.tensor(expected), rtol=1e-6, atol=1e-6)

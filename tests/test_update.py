@@ -49,8 +49,16 @@ def _setup(algo, seed=0):
         obs, actions = torch.randn(MINIBATCH, OBS_DIM), torch.randn(MINIBATCH, ACT_DIM)
         with torch.no_grad():  # the rollout policy's log-probabilities, moved so that some ratios are clipped or capped
             logprobs = agent.log_prob(obs, actions) + 0.3 * torch.randn(MINIBATCH)
-        minibatches.append({"obs": obs, "actions": actions, "logprobs": logprobs, "values": torch.randn(MINIBATCH),
-                            "advantages": torch.randn(MINIBATCH), "returns": torch.randn(MINIBATCH)})  # fmt: skip
+        minibatches.append(
+            {
+                "obs": obs,
+                "actions": actions,
+                "logprobs": logprobs,
+                "values": torch.randn(MINIBATCH),
+                "advantages": torch.randn(MINIBATCH),
+                "returns": torch.randn(MINIBATCH),
+            }
+        )
     return agent, optimizer, args, minibatches
 
 
@@ -79,9 +87,9 @@ def test_minibatch_step_is_backward_clip_grad_norm_and_torch_adam_bit_for_bit(sc
             assert torch.equal(stats[4], grad_norm)
             assert grad_norm > args.max_grad_norm  # the clipping acted
         ref_optimizer.step()
-    for p, q in zip(agent.state_dict().values(), ref_agent.state_dict().values()):
+    for p, q in zip(agent.state_dict().values(), ref_agent.state_dict().values(), strict=True):
         assert torch.equal(p, q)
-    assert all(torch.equal(a, b) for a, b in zip(_optimizer_state(optimizer), _optimizer_state(ref_optimizer)))
+    assert all(torch.equal(a, b) for a, b in zip(_optimizer_state(optimizer), _optimizer_state(ref_optimizer), strict=True))
     assert optimizer.state_dict()["state"][0]["step"].item() == STEPS
 
 
@@ -122,10 +130,14 @@ def test_compiled_step_equals_the_eager_step(script):
         eager_stats.append(algo.minibatch_step(agent, eager_adam, mb, lr * (1 - i / STEPS), args))  # annealed: no recompile
         fast_stats.append(fast_step(fast_agent, fast_adam, mb, lr * (1 - i / STEPS), args))
     eager, fast = list(agent.state_dict().values()), list(fast_agent.state_dict().values())
-    assert _relative_error(fast, eager, [p - p0 for p, p0 in zip(eager, start)]) < TOLERANCE
+    assert _relative_error(fast, eager, [p - p0 for p, p0 in zip(eager, start, strict=True)]) < TOLERANCE
     for key in ("exp_avgs", "exp_avg_sqs"):
         assert _relative_error(fast_adam[key], eager_adam[key], eager_adam[key]) < TOLERANCE, key
-    assert [s.item() for s in fast_adam["state_steps"]] == [s.item() for s in eager_adam["state_steps"]] == [STEPS] * len(fast_adam["params"])
+    assert (
+        [s.item() for s in fast_adam["state_steps"]]
+        == [s.item() for s in eager_adam["state_steps"]]
+        == [STEPS] * len(fast_adam["params"])
+    )
     torch.testing.assert_close(torch.stack(fast_stats), torch.stack(eager_stats), rtol=TOLERANCE, atol=1e-6)
     # It really ran compiled, once: one graph, no recompilation for the annealed learning rate.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
@@ -135,11 +147,28 @@ def test_compiled_step_equals_the_eager_step(script):
 def test_a_failed_compilation_falls_back_to_eager_with_one_line(tmp_path, script):
     """No C++ compiler (CXX names none; Inductor's caches off, so that nothing compiled earlier is reused): one note, and
     the run trains to the end eagerly."""
-    env = os.environ | {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048",
-           "--num-steps", "1024", "--no-cuda"]  # fmt: skip
+    env = os.environ | {
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, f"{script}.py"),
+        "--env-id",
+        "InvertedPendulum-v5",
+        "--total-timesteps",
+        "2048",
+        "--num-steps",
+        "1024",
+        "--no-cuda",
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: torch.compile failed")]
-    assert len(notes) == 1 and "No working C++ compiler" in notes[0] and notes[0].endswith("the update runs eagerly, as with --no-compile")
+    assert (
+        len(notes) == 1
+        and "No working C++ compiler" in notes[0]
+        and notes[0].endswith("the update runs eagerly, as with --no-compile")
+    )
     assert len(list((tmp_path / "runs").iterdir())) == 1

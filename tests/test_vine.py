@@ -8,9 +8,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from helpers import only_run_dir
 
 import trpo_continuous as trpo
-from helpers import only_run_dir
 from utils.logs import read_scalars
 
 STEPS = {"count": 0}
@@ -48,11 +48,11 @@ def test_a_restored_state_replays_bit_identically(env_id):
     original = _trajectory(env, actions)
     trpo.restore_state(other, state)
     replayed = _trajectory(other, actions)
-    for (o1, r1, te1, tr1), (o2, r2, te2, tr2) in zip(original, replayed):
+    for (o1, r1, te1, tr1), (o2, r2, te2, tr2) in zip(original, replayed, strict=True):
         np.testing.assert_array_equal(o1, o2)
         assert (r1, te1, tr1) == (r2, te2, tr2)
     trpo.restore_state(other, state)  # a second restore of the same state: the first replay changed nothing in it
-    assert all(np.array_equal(o1, o2) for (o1, *_), (o2, *_) in zip(original, _trajectory(other, actions)))
+    assert all(np.array_equal(o1, o2) for (o1, *_), (o2, *_) in zip(original, _trajectory(other, actions), strict=True))
 
 
 def test_the_time_limit_counter_continues_after_a_restore():
@@ -111,7 +111,7 @@ def test_the_branches_of_a_state_share_their_noise_after_the_first_action():
     trunk.reset(seed=0)
     states, state_obs = [], []
     normalizer = trpo.Normalizer(11, 1, 0.99)
-    for t in range(num_states):
+    for _ in range(num_states):
         states.append(trpo.save_state(trunk))
         state_obs.append(normalizer.obs(trunk.unwrapped._get_obs()[None], update=False)[0])
         trunk.step(np.full(3, 0.1))
@@ -132,8 +132,11 @@ def test_the_branches_of_a_state_share_their_noise_after_the_first_action():
         assert len({tuple(a) for a in firsts}) == num_actions  # K different first actions
         for t in range(1, horizon):
             # the noise a - mu(s) of step t is the same in the K branches (their states, and so mu(s), differ)
-            seen = [normalizer.obs(branches[n * num_actions + k].observations[t - 1][None], update=False) for k in range(num_actions)]
-            noises = [actions[t] - mean(obs)[0] for actions, obs in zip(group, seen)]
+            seen = [
+                normalizer.obs(branches[n * num_actions + k].observations[t - 1][None], update=False)
+                for k in range(num_actions)
+            ]
+            noises = [actions[t] - mean(obs)[0] for actions, obs in zip(group, seen, strict=True)]
             assert not np.allclose(mean(seen[0]), mean(seen[1]))
             for other in noises[1:]:
                 np.testing.assert_allclose(other, noises[0], atol=1e-5)
@@ -147,8 +150,15 @@ def test_the_branches_of_a_state_share_their_noise_after_the_first_action():
 
 def test_every_simulator_step_of_trunk_and_branches_counts_in_the_global_step():
     STEPS["count"] = 0
-    args = trpo.Args(env_id="tests/CountingHopper-v0", sampling="vine", num_steps=256, vine_states=4, vine_actions=3, vine_horizon=20,
-                     total_timesteps=3 * (256 + 4 * 3 * 20))  # fmt: skip
+    args = trpo.Args(
+        env_id="tests/CountingHopper-v0",
+        sampling="vine",
+        num_steps=256,
+        vine_states=4,
+        vine_actions=3,
+        vine_horizon=20,
+        total_timesteps=3 * (256 + 4 * 3 * 20),
+    )
     summary = trpo.train(args)
     assert summary["global_step"] == STEPS["count"]  # env.step calls, trunk and branches
     scalars = read_scalars(only_run_dir())
@@ -167,8 +177,14 @@ def _policy_step_batch(num_states=64):
     with torch.no_grad():
         actions = agent.actor_mean(obs) + torch.randn(num_states, 2)
         logprobs = agent.log_prob(obs, actions)
-    batch = {"obs": obs, "actions": actions, "logprobs": logprobs, "advantages": torch.randn(num_states) * (1 + obs[:, 0].abs()),
-             "returns": torch.randn(num_states), "values": torch.zeros(num_states)}  # fmt: skip
+    batch = {
+        "obs": obs,
+        "actions": actions,
+        "logprobs": logprobs,
+        "advantages": torch.randn(num_states) * (1 + obs[:, 0].abs()),
+        "returns": torch.randn(num_states),
+        "values": torch.zeros(num_states),
+    }
     return agent, batch
 
 
@@ -192,19 +208,38 @@ def test_max_kl_bounds_the_kl_of_every_state(kl_constraint):
 
 def test_vine_balances_inverted_pendulum():
     """A random policy scores < 10; vine TRPO balances the pole within this budget."""
-    summary = trpo.train(trpo.Args(env_id="InvertedPendulum-v5", sampling="vine", total_timesteps=VINE_BUDGET, num_steps=512,
-                                   vine_states=16, vine_actions=4, vine_horizon=25, seed=1))  # fmt: skip
+    summary = trpo.train(
+        trpo.Args(
+            env_id="InvertedPendulum-v5",
+            sampling="vine",
+            total_timesteps=VINE_BUDGET,
+            num_steps=512,
+            vine_states=16,
+            vine_actions=4,
+            vine_horizon=25,
+            seed=1,
+        )
+    )
     assert summary["mean_return"] >= 500, summary
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(env_id="tests/Counter-v0"), "--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only"),
+        (
+            dict(env_id="tests/Counter-v0"),
+            "--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only",
+        ),
         (dict(vine_actions=1), "--vine-actions must be at least 2"),
         (dict(vine_states=2000), "--vine-states must be between 1 and the trunk's 1024 steps"),
-        (dict(async_envs=True, num_envs=2), "--sampling vine saves the trunk's states, which --async-envs keeps in subprocesses"),
-        (dict(total_timesteps=10_000), "--total-timesteps 10000 is smaller than one vine iteration (1024 trunk + 12800 branch steps)"),
+        (
+            dict(async_envs=True, num_envs=2),
+            "--sampling vine saves the trunk's states, which --async-envs keeps in subprocesses",
+        ),
+        (
+            dict(total_timesteps=10_000),
+            "--total-timesteps 10000 is smaller than one vine iteration (1024 trunk + 12800 branch steps)",
+        ),
     ],
 )
 def test_bad_vine_arguments_are_refused(overrides, message):

@@ -127,8 +127,13 @@ def make_jobs(args: Args) -> list[Job]:
     unknown = {item.partition(":")[0] for item in args.grid if ":" in item} - {"trefree", "ppo", "trpo"}
     if unknown:
         raise SystemExit(f"error: --grid names an unknown algorithm: {', '.join(sorted(unknown))} (trefree, ppo or trpo)")
-    return [Job(algo, env_id, seed, flags, args.tag) for env_id in args.env_ids for algo in args.algos for flags in parse_grid(args.grid, algo)
-            for seed in args.seeds]  # fmt: skip
+    return [
+        Job(algo, env_id, seed, flags, args.tag)
+        for env_id in args.env_ids
+        for algo in args.algos
+        for flags in parse_grid(args.grid, algo)
+        for seed in args.seeds
+    ]
 
 
 def runs_in_csv(paths: tuple[str, ...]) -> set[str]:
@@ -163,10 +168,29 @@ def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[st
         return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir), *extra]
     steps = ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
     flags = [word for flag, value in job.flags for word in (f"--{flag}", value)]
-    tracking = ["--track"] * args.track + [word for flag, value in (("--wandb-project-name", args.wandb_project_name),
-                ("--wandb-entity", args.wandb_entity)) if args.track and value for word in (flag, value)]  # fmt: skip
-    return [sys.executable, script, "--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.exp_name,
-            "--save-model", "--checkpoint-interval", str(args.checkpoint_interval), *steps, *tracking, *flags, *extra]  # fmt: skip
+    tracking = ["--track"] * args.track + [
+        word
+        for flag, value in (("--wandb-project-name", args.wandb_project_name), ("--wandb-entity", args.wandb_entity))
+        if args.track and value
+        for word in (flag, value)
+    ]
+    return [
+        sys.executable,
+        script,
+        "--env-id",
+        job.env_id,
+        "--seed",
+        str(job.seed),
+        "--exp-name",
+        job.exp_name,
+        "--save-model",
+        "--checkpoint-interval",
+        str(args.checkpoint_interval),
+        *steps,
+        *tracking,
+        *flags,
+        *extra,
+    ]
 
 
 def run_job(command: list[str], out_dir: str, name: str) -> None:
@@ -174,7 +198,9 @@ def run_job(command: list[str], out_dir: str, name: str) -> None:
     RuntimeError with its command and the end of its log. Called locally, or on a SLURM node by submitit."""
     log_path = os.path.join(out_dir, "logs", f"{name}.log")
     with open(log_path, "a") as log:
-        code = subprocess.run(command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"}).returncode
+        code = subprocess.run(
+            command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"}
+        ).returncode
     if code != 0:
         with open(log_path, errors="replace") as log:
             tail = "".join(line.split("\r")[-1] for line in log.readlines()[-5:])
@@ -197,8 +223,13 @@ def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dic
                     print(("\n" if interactive else "") + str(future.exception()), file=sys.stderr)  # off the progress line
             done = len(futures) - len(pending)
             running = sum(future.running() for future in pending)
-            left = f"~{(time.time() - start) / done * len(pending) / 60:.0f} min left" if done else "time left: after the first job"
-            status = f"jobs: {done - len(failures)} done, {running} running, {len(failures)} failed, {len(pending) - running} waiting; {left}"
+            left = (
+                f"~{(time.time() - start) / done * len(pending) / 60:.0f} min left"
+                if done
+                else "time left: after the first job"
+            )
+            waiting = len(pending) - running
+            status = f"jobs: {done - len(failures)} done, {running} running, {len(failures)} failed, {waiting} waiting; {left}"
             if status != line:
                 line = status
                 print(f"\r{line}   " if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)

@@ -86,8 +86,14 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def evaluate(path: str, episodes: int = 10, env_id: str | None = None, capture_video: bool = False,
-             stochastic: bool = False, seed: int = 0) -> list[float]:  # fmt: skip
+def evaluate(
+    path: str,
+    episodes: int = 10,
+    env_id: str | None = None,
+    capture_video: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+) -> list[float]:
     """Run the checkpoint's policy for `episodes` episodes; returns their raw returns."""
     checkpoint = load_checkpoint(path)
     policy = Policy(checkpoint)
@@ -101,7 +107,9 @@ def evaluate(path: str, episodes: int = 10, env_id: str | None = None, capture_v
     else:
         env = gym.make(env_id, **env_kwargs)
     if env.observation_space.shape != policy.obs_mean.shape:
-        raise ValueError(f"{env_id} has observations of shape {env.observation_space.shape}; the policy takes {policy.obs_mean.shape}")
+        raise ValueError(
+            f"{env_id} has observations of shape {env.observation_space.shape}; the policy takes {policy.obs_mean.shape}"
+        )
     rng = np.random.default_rng(seed) if stochastic else None
     low, high = env.action_space.low, env.action_space.high
     returns = []
@@ -156,7 +164,10 @@ def main(args: Args) -> None:
             if new:
                 rows.writerow(["env_id", "policy", "episode", "return"])
             policy = "random" if args.random_policy else args.checkpoint
-            rows.writerows([args.env_id or load_checkpoint(args.checkpoint)["args"]["env_id"], policy, i, f"{r:.6g}"] for i, r in enumerate(returns))
+            rows.writerows(
+                [args.env_id or load_checkpoint(args.checkpoint)["args"]["env_id"], policy, i, f"{r:.6g}"]
+                for i, r in enumerate(returns)
+            )
     for episode, episodic_return in enumerate(returns):
         print(f"episode {episode}: return {episodic_return:.1f}")
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.1f} ± {np.std(returns):.1f}")

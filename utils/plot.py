@@ -37,7 +37,6 @@ import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-
 from typing import Literal
 
 import numpy as np
@@ -49,7 +48,7 @@ from utils.logs import one_line_errors, read_scalars
 @dataclass
 class Args:
     folders: tyro.conf.Positional[tuple[str, ...]]
-    """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files (or such a file)"""
+    """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files (or a file)"""
     exp_names: tuple[str, ...] = ()
     """keep only the runs whose exp_name matches one of these shell patterns (`trpo_continuous`, `ppo_*`)"""
     env_ids: tuple[str, ...] = ()
@@ -87,7 +86,8 @@ class Run:
     sps: float  # the run's last charts/SPS
     length: float = float("nan")  # the mean length of the last 10 % of episodes
     eval: float = float("nan")  # the mean of eval/episodic_return: the final policy's mean action (`--save-model`)
-    iterations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (points, 2): step at the end of an iteration, its number
+    # (points, 2): the step at the end of an iteration, its number
+    iterations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     binned: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (bins, 2): the learning curve on the shared grid
     auc: float = float("nan")  # sample efficiency: the mean of `binned`, the area under the learning curve per step
 
@@ -117,7 +117,7 @@ def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
         return None
     steps, returns = np.array(scalars["charts/episodic_return"]).T
     running = np.convolve(returns, np.ones(window))[: len(returns)] / np.minimum(np.arange(1, len(returns) + 1), window)
-    ratios = [(s, hi, lo) for (s, hi), (_, lo) in zip(scalars.get("ratio/max", []), scalars.get("ratio/min", []))]
+    ratios = [(s, hi, lo) for (s, hi), (_, lo) in zip(scalars.get("ratio/max", []), scalars.get("ratio/min", []), strict=True)]
     last = max(1, len(returns) // 10)
     final = float(returns[-last:].mean())
     sps = scalars["charts/SPS"][-1][1] if scalars.get("charts/SPS") else float("nan")
@@ -127,8 +127,20 @@ def run_from_scalars(run_dir: str, window: int = 10) -> Run | None:
     ends = [step for step, _ in scalars.get("charts/SPS", [])]  # logged once per iteration
     iterations = np.stack([ends, np.arange(1, len(ends) + 1)], 1) if ends else np.zeros((0, 2))
     binned = binned_curve(steps, returns)
-    return Run(parts[0], parts[1], int(parts[2]), np.stack([steps, running], 1), np.array(ratios).reshape(-1, 3), final, sps,
-               length, float(np.mean(evals)) if evals else float("nan"), iterations, binned, float(binned[:, 1].mean()))  # fmt: skip
+    return Run(
+        parts[0],
+        parts[1],
+        int(parts[2]),
+        np.stack([steps, running], 1),
+        np.array(ratios).reshape(-1, 3),
+        final,
+        sps,
+        length,
+        float(np.mean(evals)) if evals else float("nan"),
+        iterations,
+        binned,
+        float(binned[:, 1].mean()),
+    )
 
 
 def load_runs(folder: str) -> list[Run]:
@@ -136,7 +148,9 @@ def load_runs(folder: str) -> list[Run]:
     CSV file that `folder` names)."""
     if os.path.isfile(folder):
         return read_runs_csv(folder)
-    run_dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True)})
+    run_dirs = sorted(
+        {os.path.dirname(p) for p in glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True)}
+    )
     runs = [run for run in map(run_from_scalars, run_dirs) if run is not None]
     for path in sorted(glob.glob(os.path.join(folder, "**", "*.csv"), recursive=True)):
         runs += read_runs_csv(path)
@@ -157,8 +171,11 @@ def csv_rows(run: Run) -> list[list]:
     rows += [key + ["iteration", int(s), int(i), ""] for s, i in downsample(run.iterations)]
     rows += [key + ["binned", int(s), f"{v:.6g}", ""] for s, v in run.binned]
     rows += [key + ["final", "", f"{run.final:.6g}", ""], key + ["sps", "", f"{run.sps:.6g}", ""]]
-    rows += [key + [kind, "", f"{value:.6g}", ""] for kind, value in (("length", run.length), ("eval", run.eval), ("auc", run.auc))
-             if not np.isnan(value)]  # fmt: skip
+    rows += [
+        key + [kind, "", f"{value:.6g}", ""]
+        for kind, value in (("length", run.length), ("eval", run.eval), ("auc", run.auc))
+        if not np.isnan(value)
+    ]
     return rows
 
 
@@ -181,9 +198,14 @@ def read_runs_csv(path: str) -> list[Run]:
     for (env_id, exp_name, seed), kinds in rows.items():
         curve = np.array([(float(r["step"]), float(r["value"])) for r in kinds["curve"]]).reshape(-1, 2)
         ratios = np.array([(float(r["step"]), float(r["value"]), float(r["value2"])) for r in kinds["ratio"]]).reshape(-1, 3)
-        iterations, binned = (np.array([(float(r["step"]), float(r["value"])) for r in kinds[kind]]).reshape(-1, 2)
-                              for kind in ("iteration", "binned"))  # fmt: skip
-        scalar = {kind: float(kinds[kind][0]["value"]) if kinds[kind] else float("nan") for kind in ("final", "sps", "length", "eval", "auc")}
+        iterations, binned = (
+            np.array([(float(r["step"]), float(r["value"])) for r in kinds[kind]]).reshape(-1, 2)
+            for kind in ("iteration", "binned")
+        )
+        scalar = {
+            kind: float(kinds[kind][0]["value"]) if kinds[kind] else float("nan")
+            for kind in ("final", "sps", "length", "eval", "auc")
+        }
         runs.append(Run(env_id, exp_name, seed, curve, ratios, **scalar, iterations=iterations, binned=binned))
     return runs
 
@@ -202,8 +224,10 @@ def final_returns_table(runs: list[Run]) -> str:
     with_eval = any(not np.isnan(run.eval) for run in runs)
     with_length = any(not np.isnan(run.length) for run in runs)
     extra = ["evaluation return"] * with_eval + ["episode length"] * with_length
-    rows = ["| " + " | ".join(["environment", "algorithm", "seeds", "final return", *extra, "SPS"]) + " |",
-            "|---|---|" + "---:|" * (3 + len(extra))]  # fmt: skip
+    rows = [
+        "| " + " | ".join(["environment", "algorithm", "seeds", "final return", *extra, "SPS"]) + " |",
+        "|---|---|" + "---:|" * (3 + len(extra)),
+    ]
 
     def mean_std(values: list[float], digits: int = 1) -> str:
         if np.isnan(values).any():
@@ -213,7 +237,9 @@ def final_returns_table(runs: list[Run]) -> str:
     for env_id, algos in sorted(group(runs).items()):
         for exp_name, seeds in sorted(algos.items()):
             cells = [mean_std([run.final for run in seeds])]
-            cells += [mean_std([run.eval for run in seeds])] * with_eval + [mean_std([run.length for run in seeds], 0)] * with_length
+            cells += [mean_std([run.eval for run in seeds])] * with_eval + [
+                mean_std([run.length for run in seeds], 0)
+            ] * with_length
             sps = np.mean([run.sps for run in seeds])
             rows.append(f"| {env_id} | {exp_name} | {len(seeds)} | {' | '.join(cells)} | {sps:,.0f} |")
     return "\n".join(rows)
@@ -222,16 +248,21 @@ def final_returns_table(runs: list[Run]) -> str:
 def ratio_table(runs: list[Run]) -> str:
     """Markdown: per environment and algorithm, the median over updates (pooled over seeds) of ln ratio/max and
     ln ratio/min after each update, their most extreme values, and the share of updates whose ratio/min is >= 1."""
-    rows = ["| environment | algorithm | median ln max | median ln min | largest ln max | smallest ln min | updates with min ≥ 1 |",
-            "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        "| environment | algorithm | median ln max | median ln min | largest ln max | smallest ln min "
+        "| updates with min ≥ 1 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for env_id, algos in sorted(group(runs).items()):
         for exp_name, seeds in sorted(algos.items()):
             ratios = np.concatenate([run.ratios for run in seeds])
             if not len(ratios):
                 continue
             log_max, log_min = np.log(ratios[:, 1]), np.log(np.maximum(ratios[:, 2], 1e-300))
-            rows.append(f"| {env_id} | {exp_name} | {np.median(log_max):.3f} | {np.median(log_min):.3f} | {log_max.max():.2f} | "
-                        f"{log_min.min():.2f} | {np.mean(log_min >= 0):.0%} |")  # fmt: skip
+            rows.append(
+                f"| {env_id} | {exp_name} | {np.median(log_max):.3f} | {np.median(log_min):.3f} | {log_max.max():.2f} | "
+                f"{log_min.min():.2f} | {np.mean(log_min >= 0):.0%} |"
+            )
     return "\n".join(rows)
 
 
@@ -239,7 +270,9 @@ def normalized_scores(runs: list[Run], reference: str) -> dict[str, dict[str, np
     """exp_name -> env_id -> each seed's final return divided by `reference`'s mean final return on that env_id
     (environments where the reference has no run are left out)."""
     groups = group(runs)
-    scale = {env_id: np.mean([run.final for run in algos[reference]]) for env_id, algos in groups.items() if reference in algos}
+    scale = {
+        env_id: np.mean([run.final for run in algos[reference]]) for env_id, algos in groups.items() if reference in algos
+    }
     if any(value <= 0 for value in scale.values()):
         raise SystemExit(f"error: {reference} has a mean final return <= 0 on some environment; it cannot normalize")
     scores = defaultdict(dict)
@@ -261,16 +294,25 @@ def aggregate_table(runs: list[Run], reference: str, reps: int = 50_000, seed: i
     env_ids = sorted(scores[reference])
     complete = {exp_name: by_env for exp_name, by_env in scores.items() if set(by_env) >= set(env_ids)}
     # rliable takes a (runs, tasks) matrix per algorithm: the seeds that every environment has
-    matrices = {exp_name: np.stack([by_env[e][: min(len(by_env[e]) for e in env_ids)] for e in env_ids], 1)
-                for exp_name, by_env in complete.items()}  # fmt: skip
+    matrices = {
+        exp_name: np.stack([by_env[e][: min(len(by_env[e]) for e in env_ids)] for e in env_ids], 1)
+        for exp_name, by_env in complete.items()
+    }
     np.random.seed(seed)  # rliable's bootstrap draws from numpy's global generator
     iqm, ci = rly.get_interval_estimates(matrices, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
-    rows = [f"Scores: final return / mean final return of {reference} on the same environment ({', '.join(env_ids)}).", "",
-            "| algorithm | runs per environment | mean score over environments | IQM [95 % CI] |", "|---|---:|---:|---:|"]  # fmt: skip
+    rows = [
+        f"Scores: final return / mean final return of {reference} on the same environment ({', '.join(env_ids)}).",
+        "",
+        "| algorithm | runs per environment | mean score over environments | IQM [95 % CI] |",
+        "|---|---:|---:|---:|",
+    ]
     order = sorted(matrices, key=lambda name: -np.mean([complete[name][e].mean() for e in env_ids]))
     for name in order:
         mean = np.mean([complete[name][e].mean() for e in env_ids])
-        rows.append(f"| {name} | {matrices[name].shape[0]} | {mean:.3f} | {iqm[name][0]:.3f} [{ci[name][0, 0]:.3f}, {ci[name][1, 0]:.3f}] |")
+        rows.append(
+            f"| {name} | {matrices[name].shape[0]} | {mean:.3f} | "
+            f"{iqm[name][0]:.3f} [{ci[name][0, 0]:.3f}, {ci[name][1, 0]:.3f}] |"
+        )
     return "\n".join(rows)
 
 
@@ -289,7 +331,9 @@ def read_random_returns(path: str) -> dict[str, float]:
 METRICS = {"final": "final return", "eval": "evaluation return", "auc": "sample efficiency (AUC)"}
 
 
-def compare(runs: list[Run], names: tuple[str, ...], random: dict[str, float], reps: int = 50_000, seed: int = 0) -> tuple[str, dict]:
+def compare(
+    runs: list[Run], names: tuple[str, ...], random: dict[str, float], reps: int = 50_000, seed: int = 0
+) -> tuple[str, dict]:
     """The comparison of `names[0]` with each of `names[1:]`, per metric (METRICS): per environment, each algorithm's mean
     over seeds with a 95 % bootstrap interval, and the differences of means with theirs and a verdict; across
     environments, each algorithm's IQM of the scores normalized as (x - random) / (mean of `names[1]` - random), and
@@ -308,7 +352,9 @@ def compare(runs: list[Run], names: tuple[str, ...], random: dict[str, float], r
     groups = group(runs)
     env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
     if not env_ids or any(env_id not in random for env_id in env_ids):
-        raise SystemExit(f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each")
+        raise SystemExit(
+            f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each"
+        )
     candidate, reference = names[0], names[1]
 
     def fmt(x: float) -> str:
@@ -316,19 +362,32 @@ def compare(runs: list[Run], names: tuple[str, ...], random: dict[str, float], r
 
     lines, normalized_final = [], {}
     for metric, title in METRICS.items():
-        values = {e: {n: np.array([getattr(r, metric) for r in sorted(groups[e][n], key=lambda r: r.seed)]) for n in names} for e in env_ids}
+        values = {
+            e: {n: np.array([getattr(r, metric) for r in sorted(groups[e][n], key=lambda r: r.seed)]) for n in names}
+            for e in env_ids
+        }
         if any(np.isnan(v).any() for by_name in values.values() for v in by_name.values()):
             continue  # e.g. runs without --save-model have no evaluation return
         diffs = [f"{candidate} − {b}" for b in names[1:]]
-        lines += [f"**{title}**, per environment: mean over seeds [95 % CI]; differences [95 % CI] and verdict", "",
-                  "| environment | " + " | ".join([*names, *(f"{d} | verdict" for d in diffs)]) + " |",
-                  "|---|" + "---:|" * len(names) + "---:|---|" * len(diffs)]  # fmt: skip
+        lines += [
+            f"**{title}**, per environment: mean over seeds [95 % CI]; differences [95 % CI] and verdict",
+            "",
+            "| environment | " + " | ".join([*names, *(f"{d} | verdict" for d in diffs)]) + " |",
+            "|---|" + "---:|" * len(names) + "---:|---|" * len(diffs),
+        ]
         for e in env_ids:
-            cells = [" ".join([fmt(m), f"[{fmt(lo)}, {fmt(hi)}]"]) for m, lo, hi in
-                     (interval(values[e][n][:, None], lambda x: np.array([x.mean()])) for n in names)]  # fmt: skip
+            cells = [
+                " ".join([fmt(m), f"[{fmt(lo)}, {fmt(hi)}]"])
+                for m, lo, hi in (interval(values[e][n][:, None], lambda x: np.array([x.mean()])) for n in names)
+            ]
             for b in names[1:]:
-                d, lo, hi = interval((values[e][candidate][:, None], values[e][b][:, None]), lambda x, y: np.array([x.mean() - y.mean()]))
-                cells += [f"{d:+,.1f} [{lo:+,.1f}, {hi:+,.1f}]", "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"]
+                d, lo, hi = interval(
+                    (values[e][candidate][:, None], values[e][b][:, None]), lambda x, y: np.array([x.mean() - y.mean()])
+                )
+                cells += [
+                    f"{d:+,.1f} [{lo:+,.1f}, {hi:+,.1f}]",
+                    "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference",
+                ]
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
         # Across environments: (runs, environments) matrices over the seeds that every environment has.
         runs_per_env = min(len(v) for by_name in values.values() for v in by_name.values())
@@ -337,8 +396,13 @@ def compare(runs: list[Run], names: tuple[str, ...], random: dict[str, float], r
         normalized = {n: (raw[n] - np.array([random[e] for e in env_ids])) / scale for n in names}
         normalized_final = normalized_final or normalized
         iqm = {n: interval(normalized[n], lambda x: np.array([metrics.aggregate_iqm(x)])) for n in names}
-        lines += ["", f"**{title}** across the {len(env_ids)} environments ({runs_per_env} runs each), normalized by {reference}:", "",
-                  "| algorithm | IQM [95 % CI] | P(" + candidate + " > algorithm) [95 % CI] | verdict |", "|---|---:|---:|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"**{title}** across the {len(env_ids)} environments ({runs_per_env} runs each), normalized by {reference}:",
+            "",
+            "| algorithm | IQM [95 % CI] | P(" + candidate + " > algorithm) [95 % CI] | verdict |",
+            "|---|---:|---:|---|",
+        ]
         for n in names:
             m, lo, hi = iqm[n]
             if n == candidate:
@@ -353,8 +417,14 @@ def compare(runs: list[Run], names: tuple[str, ...], random: dict[str, float], r
     return "\n".join(lines), normalized_final
 
 
-def plot_comparison(runs: list[Run], names: tuple[str, ...], normalized_final: dict[str, np.ndarray], out: str,
-                    reps: int = 50_000, seed: int = 0) -> tuple[str, str]:  # fmt: skip
+def plot_comparison(
+    runs: list[Run],
+    names: tuple[str, ...],
+    normalized_final: dict[str, np.ndarray],
+    out: str,
+    reps: int = 50_000,
+    seed: int = 0,
+) -> tuple[str, str]:
     """`<out>_binned.png`: per environment, each algorithm's binned learning curve (the sample-efficiency grid), the mean
     over seeds with a 95 % bootstrap band; `<out>_profiles.png`: rliable's performance profiles of the normalized final
     returns, with their 95 % stratified-bootstrap bands. Returns the two paths."""
@@ -369,15 +439,20 @@ def plot_comparison(runs: list[Run], names: tuple[str, ...], normalized_final: d
     env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     ncols = min(len(env_ids), 3)
-    fig, axes = plt.subplots(-(-len(env_ids) // ncols), ncols, figsize=(5 * ncols, 4 * -(-len(env_ids) // ncols)), squeeze=False)
-    for ax in axes.flat[len(env_ids):]:
+    fig, axes = plt.subplots(
+        -(-len(env_ids) // ncols), ncols, figsize=(5 * ncols, 4 * -(-len(env_ids) // ncols)), squeeze=False
+    )
+    for ax in axes.flat[len(env_ids) :]:
         ax.set_visible(False)
-    for ax, env_id in zip(axes.flat, env_ids):
+    for ax, env_id in zip(axes.flat, env_ids, strict=False):
         for name in names:
             seeds = groups[env_id][name]
             bins = min(len(run.binned) for run in seeds)
-            curves = np.stack([run.binned[:bins, 1] for run in seeds])[:, None, :]  # (runs, 1 task, bins): a run's curve moves whole
-            mean, ci = rly.get_interval_estimates({name: curves}, lambda x: x.mean(axis=0)[0], reps=reps, random_state=np.random.RandomState(seed))
+            # (runs, 1 task, bins): a run's curve moves whole
+            curves = np.stack([run.binned[:bins, 1] for run in seeds])[:, None, :]
+            mean, ci = rly.get_interval_estimates(
+                {name: curves}, lambda x: x.mean(axis=0)[0], reps=reps, random_state=np.random.RandomState(seed)
+            )
             steps = seeds[0].binned[:bins, 0]
             ax.plot(steps, mean[name], color=colors[name], label=f"{name} ({len(seeds)} seeds)")
             ax.fill_between(steps, ci[name][0], ci[name][1], color=colors[name], alpha=0.2)
@@ -387,11 +462,20 @@ def plot_comparison(runs: list[Run], names: tuple[str, ...], normalized_final: d
     binned_out = os.path.splitext(out)[0] + "_binned.png"
     fig.savefig(binned_out, dpi=120)
 
-    taus = np.linspace(min(0.0, min(v.min() for v in normalized_final.values())), max(v.max() for v in normalized_final.values()), 101)
+    taus = np.linspace(
+        min(0.0, min(v.min() for v in normalized_final.values())), max(v.max() for v in normalized_final.values()), 101
+    )
     profiles, profile_cis = rly.create_performance_profile(normalized_final, taus)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    plot_utils.plot_performance_profiles(profiles, taus, performance_profile_cis=profile_cis, colors=colors, ax=ax,
-                                         xlabel=r"normalized final return $\tau$", labelsize="medium")  # fmt: skip
+    plot_utils.plot_performance_profiles(
+        profiles,
+        taus,
+        performance_profile_cis=profile_cis,
+        colors=colors,
+        ax=ax,
+        xlabel=r"normalized final return $\tau$",
+        labelsize="medium",
+    )
     ax.legend([plt.Line2D([], [], color=colors[name]) for name in names], names, fontsize="small")
     fig.tight_layout()
     profiles_out = os.path.splitext(out)[0] + "_profiles.png"
@@ -405,8 +489,11 @@ def choose(runs: list[Run], reference: str, flag: str) -> tuple[str, dict[str, f
     environments, and every candidate's mean score (only candidates with runs on all of those environments)."""
     scores = normalized_scores(runs, reference)
     env_ids = set(scores[reference])
-    means = {exp_name: float(np.mean([by_env[e].mean() for e in env_ids])) for exp_name, by_env in scores.items()
-             if grid_value(exp_name, flag) and set(by_env) >= env_ids}  # fmt: skip
+    means = {
+        exp_name: float(np.mean([by_env[e].mean() for e in env_ids]))
+        for exp_name, by_env in scores.items()
+        if grid_value(exp_name, flag) and set(by_env) >= env_ids
+    }
     if not means:
         raise SystemExit(f"error: no runs of a --grid sweep over {flag} on every environment of {reference}")
     return max(means, key=means.get), means
@@ -431,9 +518,11 @@ def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
 
     groups = group(runs)
     path = os.path.splitext(out)[0] + "_sensitivity.png"
-    fig, axes = plt.subplots(len(groups), len(flags), figsize=(4.5 * len(flags), 3.2 * len(groups)), squeeze=False, sharey="row")
-    for row, (env_id, algos) in zip(axes, sorted(groups.items())):
-        for ax, flag in zip(row, flags):
+    fig, axes = plt.subplots(
+        len(groups), len(flags), figsize=(4.5 * len(flags), 3.2 * len(groups)), squeeze=False, sharey="row"
+    )
+    for row, (env_id, algos) in zip(axes, sorted(groups.items()), strict=True):
+        for ax, flag in zip(row, flags, strict=True):
             ax.set_xscale("log")  # before the ticks: setting the scale resets them
             points = defaultdict(list)  # script -> (value, finals)
             for exp_name, seeds in algos.items():
@@ -474,16 +563,20 @@ def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
     (curves_fig, curve_axes), (ratios_fig, ratio_axes) = [
         plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False) for _ in range(2)
     ]
-    for extra in [*curve_axes.flat[len(groups):], *ratio_axes.flat[len(groups):]]:
+    for extra in [*curve_axes.flat[len(groups) :], *ratio_axes.flat[len(groups) :]]:
         extra.set_visible(False)
-    for ax, ratio_ax, (env_id, algos) in zip(curve_axes.flat, ratio_axes.flat, sorted(groups.items())):
+    for ax, ratio_ax, (env_id, algos) in zip(curve_axes.flat, ratio_axes.flat, sorted(groups.items()), strict=False):
         for exp_name, seeds in sorted(algos.items()):
             if x == "iterations" and any(not len(run.iterations) for run in seeds):
                 raise SystemExit(f"error: {env_id} {exp_name} has no iteration steps (charts/SPS) to plot against iterations")
-            xs = [np.interp(run.curve[:, 0], run.iterations[:, 0], run.iterations[:, 1]) if x == "iterations" else run.curve[:, 0]
-                  for run in seeds]  # fmt: skip
+            xs = [
+                np.interp(run.curve[:, 0], run.iterations[:, 0], run.iterations[:, 1])
+                if x == "iterations"
+                else run.curve[:, 0]
+                for run in seeds
+            ]
             grid = np.linspace(0, min(values[-1] for values in xs), 200)
-            curves = np.stack([np.interp(grid, values, run.curve[:, 1]) for values, run in zip(xs, seeds)])
+            curves = np.stack([np.interp(grid, values, run.curve[:, 1]) for values, run in zip(xs, seeds, strict=True)])
             mean, stderr = curves.mean(0), curves.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
             ax.plot(grid, mean, color=colors[exp_name], label=f"{exp_name} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
             ax.fill_between(grid, mean - stderr, mean + stderr, color=colors[exp_name], alpha=0.2)
@@ -491,7 +584,9 @@ def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
             if with_ratios:
                 steps = np.linspace(0, min(run.ratios[-1, 0] for run in with_ratios), 200)
                 log_hi = np.mean([np.interp(steps, run.ratios[:, 0], np.log(run.ratios[:, 1])) for run in with_ratios], 0)
-                log_lo = np.mean([np.interp(steps, run.ratios[:, 0], np.log(np.maximum(run.ratios[:, 2], 1e-30))) for run in with_ratios], 0)
+                log_lo = np.mean(
+                    [np.interp(steps, run.ratios[:, 0], np.log(np.maximum(run.ratios[:, 2], 1e-30))) for run in with_ratios], 0
+                )
                 ratio_ax.fill_between(steps, np.exp(log_lo), np.exp(log_hi), color=colors[exp_name], alpha=0.3, label=exp_name)
         ax.set(title=env_id, xlabel="iterations" if x == "iterations" else "environment steps", ylabel="episodic return")
         ax.legend(fontsize="small")
@@ -538,7 +633,9 @@ def main(args: Args) -> None:
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under {where}")
     if args.compare and (len(args.compare) < 2 or args.random is None):
-        raise SystemExit("error: --compare takes two or more exp_names (the first is compared with the others) and needs --random")
+        raise SystemExit(
+            "error: --compare takes two or more exp_names (the first is compared with the others) and needs --random"
+        )
     missing = [name for name in args.compare if name not in {run.exp_name for run in runs}]
     if missing:
         raise SystemExit(f"error: no runs of --compare {' '.join(missing)} under {where}")
@@ -559,7 +656,10 @@ def main(args: Args) -> None:
         print("\n" + aggregate_table(runs, args.reference))
         for flag in args.choose:
             best, means = choose(runs, args.reference, flag)
-            others = ", ".join(f"{grid_value(name, flag)[1]:g}: {score:.3f}" for name, score in sorted(means.items(), key=lambda m: grid_value(m[0], flag)[1]))
+            others = ", ".join(
+                f"{grid_value(name, flag)[1]:g}: {score:.3f}"
+                for name, score in sorted(means.items(), key=lambda m: grid_value(m[0], flag)[1])
+            )
             print(f"\nchosen {flag}={grid_value(best, flag)[1]:g} ({best}), the highest mean normalized score ({others})")
     elif args.choose:
         raise SystemExit("error: --choose needs --reference")

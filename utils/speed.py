@@ -87,7 +87,9 @@ def main(args: Args) -> None:
     try:
         gym.make(args.env_id).close()
     except Exception as e:
-        raise SystemExit(f"error: cannot make environment '{args.env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise SystemExit(
+            f"error: cannot make environment '{args.env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     print(f"{args.env_id}, {args.steps} steps per measurement\n")
     print("| script | SPS | env-only steps/s | % of env-only | rollout s/iter | update s/iter | compile s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -96,8 +98,11 @@ def main(args: Args) -> None:
         speed = training_speed(script, args.env_id, args.steps)
         after = env_only_sps(args.env_id, args.steps)
         reference, before = (before + after) / 2, after
-        print(f"| {script} | {speed['sps']:,.0f} | {reference:,.0f} | {100 * speed['sps'] / reference:.1f} | "
-              f"{speed['rollout_time']:.3f} | {speed['update_time']:.3f} | {speed['compile_time']:.1f} |", flush=True)  # fmt: skip
+        print(
+            f"| {script} | {speed['sps']:,.0f} | {reference:,.0f} | {100 * speed['sps'] / reference:.1f} | "
+            f"{speed['rollout_time']:.3f} | {speed['update_time']:.3f} | {speed['compile_time']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -101,8 +101,8 @@ class Args:
     """the number of minibatches per epoch of the value function's fit"""
     vf_iters: int = 5
     """the number of epochs of the value function's fit over each batch"""
-    norm_adv: bool = True
-    """if toggled, normalize the advantages within the whole batch"""
+    norm_adv: Literal["batch", "none"] = "batch"
+    """where the advantages are standardized: the whole batch (Baselines' TRPO), or nowhere"""
     init_log_std: float = 0.0
     """the initial log standard deviation of the Gaussian policy, the same in every action dimension (0: sigma = 1)"""
     ent_coef: float = 0.0
@@ -314,14 +314,16 @@ def rollout(
     normalizer: Normalizer,
     obs: np.ndarray,
     num_steps: int,
-    before_step: Callable[[int], None] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]]]:
-    """Run the policy for `num_steps` steps in every environment (calling `before_step(t)` before step t, if given).
+    save_states_at: list[tuple[int, int]] = (),
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, float, int]], list]:
+    """Run the policy for `num_steps` steps in every environment; for vine, save the simulator state of environment i
+    before step t for each (t, i) of `save_states_at` (the rollout set; `--num-envs` environments of a SyncVectorEnv).
 
     Returns the transitions as (num_steps, num_envs, ...) arrays, the normalized observation to
     continue from, and the finished episodes as (step index, raw return, length). `next_obs[t]` is the
     normalized successor of `obs[t]`: the episode's final observation when it ended at t, so that a
-    truncated episode can be bootstrapped from V(final observation).
+    truncated episode can be bootstrapped from V(final observation). Last, the saved states, in the order of
+    `save_states_at`.
     """
     num_envs, act_dim = envs.num_envs, envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high
@@ -338,9 +340,12 @@ def rollout(
     actor_mean = numpy_actor(agent)
     sigma = agent.actor_logstd.detach().cpu().exp()
     noise = (sigma * torch.randn((num_steps, num_envs, act_dim))).numpy()  # sigma * eps
+    saved, save_at = {}, {}  # save_at: step t -> the environments whose state is saved before it
+    for t, i in save_states_at:
+        save_at.setdefault(t, []).append(i)
     for t in range(num_steps):
-        if before_step is not None:
-            before_step(t)
+        for i in save_at.get(t, ()):
+            saved[t, i] = save_state(envs.unwrapped.envs[i])
         action = actor_mean(obs) + noise[t]  # a = mu(s) + sigma * eps ~ N(mu(s), sigma^2)
         # The environment gets the action clipped to its bounds; the batch keeps the sampled one.
         raw_obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
@@ -361,12 +366,17 @@ def rollout(
         raise NumericalFault(
             f"the environment returned a non-finite observation or reward at rollout step {np.argmin(finite)}"
         )
-    return batch, obs, episodes
+    return batch, obs, episodes, [saved[key] for key in save_states_at]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Vine (Section 5.2): branch rollouts from a rollout set, with common random numbers
 # ---------------------------------------------------------------------------------------------------
+def choose_rollout_set(num_steps: int, num_envs: int, num_states: int) -> list[tuple[int, int]]:
+    """The rollout set: `num_states` (step, environment) pairs of the trunk's batch, drawn uniformly without replacement."""
+    return [divmod(int(i), num_envs) for i in torch.randperm(num_steps * num_envs)[:num_states]]
+
+
 def time_limit(env: gym.Env) -> gym.wrappers.TimeLimit | None:
     """The TimeLimit wrapper of `env`, if it has one."""
     while isinstance(env, gym.Wrapper):
@@ -428,10 +438,10 @@ def vine_rollouts(
     actions = actor_mean(state_obs)[:, None, :] + first  # a_nk ~ N(mu(s_n), sigma^2)
     noise = np.repeat(shared, num_actions, axis=0)  # branch j = n K + k follows the noise of state n
 
-    branches = num_states * num_actions
-    action = actions.reshape(branches, act_dim).copy()
-    returns, discount = np.zeros(branches), np.ones(branches)
-    last_obs, running, steps = np.zeros((branches, obs_dim), np.float32), np.ones(branches, bool), 0
+    num_branches = num_states * num_actions
+    action = actions.reshape(num_branches, act_dim).copy()
+    returns, discount = np.zeros(num_branches), np.ones(num_branches)
+    last_obs, running, steps = np.zeros((num_branches, obs_dim), np.float32), np.ones(num_branches, bool), 0
     for t in range(horizon):
         live = np.flatnonzero(running)
         if not len(live):
@@ -509,11 +519,11 @@ def make_batch(
 
 
 @torch.no_grad()
-def make_vine_batch(agent: Agent, vine: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """The vine's samples on `device`: the rollout set's states (N, obs), actions (N, K, act), their
-    log-probabilities under pi_old and Q(s_n, a_nk) = the branch's discounted return + gamma^steps V(s_last),
-    the bootstrap being 0 after a termination."""
-    b = {k: torch.from_numpy(v).to(device) for k, v in vine.items()}
+def make_vine_batch(agent: Agent, branches: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """The vine's samples on `device`, from `vine_rollouts`' branches: the rollout set's states (N, obs), actions
+    (N, K, act), their log-probabilities under pi_old and Q(s_n, a_nk) = the branch's discounted return
+    + gamma^steps V(s_last), the bootstrap being 0 after a termination."""
+    b = {k: torch.from_numpy(v).to(device) for k, v in branches.items()}
     q_values = b["returns"] + b["bootstrap_discount"] * agent.value(b["bootstrap_obs"])
     obs_k = b["obs"][:, None, :].expand(-1, b["actions"].shape[1], -1)
     return {"obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(obs_k, b["actions"]), "q_values": q_values}
@@ -608,6 +618,11 @@ def value_loss(new_values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((new_values - returns) ** 2).mean()
 
 
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance."""
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
 @torch.no_grad()
 def ratio_stats(agent: Agent, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The probability ratio pi_theta / pi_old over the whole batch, and the approximate KL(pi_old || pi_theta)."""
@@ -684,19 +699,17 @@ def update(
     optimizer: torch.optim.Adam,
     batch: dict[str, torch.Tensor],
     args: Args,
-    vine: dict[str, torch.Tensor] | None = None,
+    vine_batch: dict[str, torch.Tensor] | None = None,
     step: Callable = minibatch_step,
 ) -> dict[str, float]:
     """One natural-gradient step on the policy under the KL constraint, then `vf_iters` epochs of minibatch
     Adam on the value function (on the trunk's batch); returns the iteration's statistics. The policy step
-    uses the batch's states and advantages (single path) or, given `vine`, the rollout set's states and
+    uses the batch's states and advantages (single path) or, given `vine_batch`, the rollout set's states and
     Q-values (vine): the surrogate, the KL constraint and the Fisher matrix are then all over the rollout set."""
     params = agent.policy_parameters()
-    if vine is None:  # single path
+    if vine_batch is None:  # single path
         obs, actions, logprobs = batch["obs"], batch["actions"], batch["logprobs"]
-        advantages = batch["advantages"]
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        advantages = standardize(batch["advantages"]) if args.norm_adv == "batch" else batch["advantages"]
 
         def surrogate() -> torch.Tensor:  # E[pi_theta(a|s) / pi_old(a|s) A], eq. (15) with q = pi_old (Section 5.1)
             ratio = (agent.log_prob(obs, actions) - logprobs).exp()
@@ -704,21 +717,21 @@ def update(
 
         samples = {"obs": obs, "actions": actions, "logprobs": logprobs}
     else:  # vine
-        obs = vine["obs"]
-        obs_k = obs[:, None, :].expand(-1, vine["actions"].shape[1], -1)
+        obs = vine_batch["obs"]
+        obs_k = obs[:, None, :].expand(-1, vine_batch["actions"].shape[1], -1)
 
         def surrogate() -> torch.Tensor:  # eq. (17) at each rollout-set state, averaged over the rollout set
-            logratio = agent.log_prob(obs_k, vine["actions"]) - vine["logprobs"]
-            return vine_surrogate(logratio, vine["q_values"]) + args.ent_coef * agent.entropy()
+            logratio = agent.log_prob(obs_k, vine_batch["actions"]) - vine_batch["logprobs"]
+            return vine_surrogate(logratio, vine_batch["q_values"]) + args.ent_coef * agent.entropy()
 
         samples = {
             "obs": obs_k.flatten(0, 1),
-            "actions": vine["actions"].flatten(0, 1),
-            "logprobs": vine["logprobs"].flatten(),
+            "actions": vine_batch["actions"].flatten(0, 1),
+            "logprobs": vine_batch["logprobs"].flatten(),
         }
     with torch.no_grad():
         mean_old, log_std_old = agent.actor_mean(obs), agent.actor_logstd.clone()
-        trunk_mean_old = agent.actor_mean(batch["obs"]) if vine is not None else None
+        trunk_mean_old = agent.actor_mean(batch["obs"]) if vine_batch is not None else None
 
     def kl() -> torch.Tensor:  # KL(pi_old(.|s) || pi_theta(.|s)) at each state s of the constraint
         return gaussian_kl(mean_old, log_std_old, agent.actor_mean(obs), agent.actor_logstd)
@@ -775,7 +788,7 @@ def update(
         "trpo/step_norm": step_norm,
     }
     stats["trpo/zero_gradient"] = float(not g.any())
-    if vine is not None:  # the constraint bounds the KL over the rollout set's N states; this is the KL over the trunk's
+    if vine_batch is not None:  # the constraint bounds the KL over the rollout set's N states; this is the KL over the trunk's
         with torch.no_grad():
             stats["trpo/trunk_kl"] = (
                 gaussian_kl(trunk_mean_old, log_std_old, agent.actor_mean(batch["obs"]), agent.actor_logstd).mean().item()
@@ -795,133 +808,54 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 def train(args: Args) -> dict[str, float]:
     """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step,
     the mean raw return of the last 10 episodes, and the signal that stopped the run early (0: none)."""
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    if checkpoint is None:
-        args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
-    else:  # the run goes on with the arguments it was started with; a new --total-timesteps makes it longer (or shorter)
-        # The device and the compiler are the machine's, not the run's.
-        taken = ("resume", "total_timesteps", "cuda", "compile")
-        ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
-        if ignored:
-            print(
-                f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr
-            )
-        total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
-        if total_timesteps < checkpoint["global_step"]:
-            raise ArgsError(
-                f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps"
-            )
-        args = Args(
-            **(
-                checkpoint["args"]
-                | {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}
-            )
-        )
-    check_args(args)
-    env_kwargs = parse_env_kwargs(args.env_kwargs)
-    obs_dim, act_dim = check_env(args.env_id, env_kwargs, restorable=args.sampling == "vine")
-    check_memory(args.num_envs * args.num_steps, obs_dim, act_dim)
-    batch_size = args.num_envs * args.num_steps
+    args, checkpoint, run_dir = start_run(args)
+    env_kwargs, obs_dim, act_dim = check_run(args)
+    writer, tracking = start_logging(args, run_dir, checkpoint)
+    device = seed_and_device(args)
+
+    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+    envs = make_envs(args.env_id, args.num_envs, args.async_envs, video_dir, env_kwargs)
     vine = args.sampling == "vine"
+    # Vine: one environment per branch (N K of them), its state restored from the trunk's before it steps.
+    branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions)] if vine else []
+    for env in branch_envs:
+        env.reset(seed=args.seed)
+    agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
+    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
+    normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
+    global_step, start_iteration = restore(checkpoint, agent, optimizer, normalizer, device) if checkpoint else (0, 1)
+    train_step = compiled(minibatch_step, device) if args.compile else minibatch_step
+    # On resume the statistics already hold the observation the run would have continued from: not counted twice.
+    obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
+
+    batch_size = args.num_envs * args.num_steps
     # An iteration runs the trunk (single path: the whole batch) and, with vine, up to N K H branch steps; every
     # simulator step counts. Iterations go on while one more surely fits in --total-timesteps.
     iteration_steps = batch_size + (args.vine_states * args.vine_actions * args.vine_horizon if vine else 0)
     budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
-
-    if checkpoint is None:
-        env_name = args.env_id.replace("/", "-")  # a namespaced id ("ns/Env-v0") must not nest the folder
-        run_dir = os.path.join("runs", f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        start_step, start_iteration = 0, 1
-    else:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        start_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
     checkpoint_path = os.path.join(run_dir, f"{args.exp_name}.pt")
-    checkpointing = args.save_model or args.checkpoint_interval > 0
-    check_writable(run_dir)
-    tracking = start_tracking(args, run_dir) if args.track else None
-    # On resume, what was logged after the checkpoint is dropped.
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("note: no GPU is available; training on the CPU", file=sys.stderr)
-
-    envs = make_envs(
-        args.env_id,
-        args.num_envs,
-        args.async_envs,
-        os.path.join(run_dir, "videos") if args.capture_video else None,
-        env_kwargs,
-    )
-    branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions)] if vine else []
-    for env in branch_envs:
-        env.reset(seed=args.seed)  # their state is always restored from the trunk's before they step
-    agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
-    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
-    normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        normalizer.load_state_dict(checkpoint["normalizer"])
-        torch.set_rng_state(checkpoint["rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"]:  # the generator of the GPU that wrote it, if one did
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
-        # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
-        normalizer.discounted_return[:] = 0.0
-
-    train_step = compiled(minibatch_step, device) if args.compile else minibatch_step
-    # On resume the statistics already hold the observation the run would have continued from: not counted twice.
-    obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
-    recent_returns, mean_return, stopped_by = deque(maxlen=10), float("nan"), 0
-    global_step, start_time = start_step, time.perf_counter()
-    progress = tqdm(initial=start_step, total=budget, unit="step", unit_scale=True, dynamic_ncols=True, mininterval=1.0)
+    # What a numerical fault leaves on disk: the last state that passed the checks, kept at the end of each iteration.
+    last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, start_iteration - 1, device)
+    recent_returns, stopped_by, start_step, start_time = deque(maxlen=10), 0, global_step, time.perf_counter()
+    progress = tqdm(initial=global_step, total=budget, unit="step", unit_scale=True, mininterval=1.0)
     iteration = start_iteration - 1
     with stop_requests() as stop_requested:
-        while global_step + iteration_steps <= args.total_timesteps:
-            iteration += 1
-            last_good = (
-                checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration - 1, device)
-                if checkpointing
-                else None
-            )
-            try:
+        try:
+            while global_step + iteration_steps <= args.total_timesteps:
+                iteration += 1
                 lr = args.vf_learning_rate * (1.0 - global_step / budget) if args.anneal_lr else args.vf_learning_rate
                 optimizer.param_groups[0]["lr"] = lr
 
                 rollout_start, iteration_start_step = time.perf_counter(), global_step
-                snapshots, rollout_set = {}, []
-                if vine:  # the rollout set: N (step, environment) pairs of the trunk, whose states are saved as it passes
-                    rollout_set = [divmod(int(i), args.num_envs) for i in torch.randperm(batch_size)[: args.vine_states]]
-                    sub_envs = envs.unwrapped.envs
-
-                    def snapshot(t: int) -> None:
-                        snapshots.update({(t, i): save_state(sub_envs[i]) for step, i in rollout_set if step == t})  # noqa: B023 (called in this iteration)
-
-                rollout_batch, obs, episodes = rollout(
-                    envs, agent, normalizer, obs, args.num_steps, snapshot if vine else None
-                )
-                for t, episodic_return, episodic_length in episodes:
-                    step = global_step + (t + 1) * args.num_envs
-                    writer.add_scalar("charts/episodic_return", episodic_return, step)
-                    writer.add_scalar("charts/episodic_length", episodic_length, step)
-                    recent_returns.append(episodic_return)
+                # Vine: the rollout set, whose states the trunk's rollout saves as it passes them.
+                rollout_set = choose_rollout_set(args.num_steps, args.num_envs, args.vine_states) if vine else []
+                rollout_batch, obs, episodes, set_states = rollout(envs, agent, normalizer, obs, args.num_steps, rollout_set)
+                recent_returns += log_episodes(writer, episodes, global_step, args.num_envs)
                 global_step += batch_size
-                if vine:
-                    state_obs = np.stack([rollout_batch["obs"][t, i] for t, i in rollout_set])
+                if vine:  # K branches from each state of the rollout set
+                    set_obs = np.stack([rollout_batch["obs"][t, i] for t, i in rollout_set])
                     branches, branch_steps = vine_rollouts(
-                        branch_envs,
-                        [snapshots[key] for key in rollout_set],
-                        state_obs,
-                        agent,
-                        normalizer,
-                        args.gamma,
-                        args.vine_horizon,
+                        branch_envs, set_states, set_obs, agent, normalizer, args.gamma, args.vine_horizon
                     )
                     global_step += branch_steps
 
@@ -932,72 +866,28 @@ def train(args: Args) -> dict[str, float]:
                 if vine:
                     stats |= {"trpo/branch_steps": branch_steps, "trpo/q_spread": vine_batch["q_values"].std(1).mean().item()}
                 update_end = time.perf_counter()
-                check_finite(
-                    {"the normalized observation": batch["obs"]}
-                    | {k: v for k, v in stats.items() if k.startswith("losses/")}
-                    | {f"the parameter {name}": p for name, p in agent.named_parameters()}
-                    | {
-                        "the running observation mean or variance": np.concatenate(
-                            [normalizer.obs_rms.mean, normalizer.obs_rms.var]
-                        ),
-                        "the running return variance": normalizer.ret_rms.var,
-                    },
-                    "after the update",
-                )
+                check_finite(training_quantities(agent, normalizer, batch, stats), "after the update")
 
-                sps = int((global_step - start_step) / (update_end - start_time))
                 stats |= {
-                    "charts/SPS": sps,
+                    "charts/SPS": int((global_step - start_step) / (update_end - start_time)),
                     "charts/learning_rate": lr,
                     "losses/explained_variance": explained_variance(batch["values"], batch["returns"]),
                     "perf/rollout_time": update_start - rollout_start,
                     "perf/update_time": update_end - update_start,
                 }
-                for tag, value in stats.items():
-                    writer.add_scalar(tag, value, global_step)
-                mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
-                progress.set_postfix(SPS=sps, ret=f"{mean_return:.1f}", refresh=False)
-                progress.update(global_step - iteration_start_step)
+                log_iteration(writer, progress, stats, global_step, global_step - iteration_start_step, recent_returns)
 
-            except NumericalFault as fault:
-                progress.close()
-                if checkpointing:
+                stopped_by = stop_requested()
+                last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device)
+                if save_due(args, iteration, stopped_by):
                     save_checkpoint(checkpoint_path, last_good)
-                writer.close()
-                for env in [envs, *branch_envs]:
-                    env.close()
-                kept = (
-                    f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}"
-                    if checkpointing
-                    else ""
-                )
-                raise NumericalFault(f"{args.env_id}, iteration {iteration}: {fault}{kept}") from None
-
-            stopped_by = stop_requested()
-            if checkpointing and (stopped_by or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0)):
-                save_checkpoint(
-                    checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device)
-                )
-            if stopped_by:
-                break
-
-    progress.close()
-    for env in [envs, *branch_envs]:
-        env.close()
-    if stopped_by:
-        print(
-            f"stopped by {signal.Signals(stopped_by).name} at step {global_step}"
-            + (f"; continue with --resume {checkpoint_path}" if checkpointing else ""),
-            file=sys.stderr,
-        )
-    elif checkpointing:
-        save_checkpoint(checkpoint_path, checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
-        if args.save_model:
-            evaluate_checkpoint(checkpoint_path, writer, global_step)
-    writer.close()
-    if tracking is not None:
-        tracking.finish()
-    return {"global_step": global_step, "mean_return": mean_return, "stopped_by": stopped_by}
+                if stopped_by:
+                    break
+        except NumericalFault as fault:
+            raise stop_at_fault(fault, args, checkpoint_path, last_good, [progress, writer, envs, *branch_envs]) from None
+    return finish(
+        args, checkpoint_path, last_good, stopped_by, recent_returns, writer, tracking, [progress, envs, *branch_envs]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1016,6 +906,163 @@ def check_finite(values: dict[str, torch.Tensor | float], where: str) -> None:
     for name, value in values.items():
         if not torch.isfinite(torch.as_tensor(value)).all():
             raise NumericalFault(f"{name} is not finite {where}")
+
+
+def start_run(args: Args) -> tuple[Args, dict | None, str]:
+    """A new run: its arguments, no checkpoint and a new run directory. With `--resume`, the run of that checkpoint:
+    the arguments it was started with (a new --total-timesteps makes it longer or shorter; --cuda and --compile are
+    the machine's, not the run's), the checkpoint and its run directory."""
+    if not args.resume:
+        args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
+        env_name = args.env_id.replace("/", "-")  # a namespaced id ("ns/Env-v0") must not nest the folder
+        return args, None, os.path.join("runs", f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    checkpoint = load_checkpoint(args.resume)
+    taken = ("resume", "total_timesteps", "cuda", "compile")
+    ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
+    if ignored:
+        print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)
+    total_timesteps = checkpoint["args"]["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
+    if total_timesteps < checkpoint["global_step"]:
+        raise ArgsError(
+            f"--total-timesteps {total_timesteps} is fewer than the checkpoint's {checkpoint['global_step']} steps"
+        )
+    saved = checkpoint["args"]
+    if isinstance(saved["norm_adv"], bool):  # a checkpoint of the boolean --norm-adv: on was the whole batch
+        saved = saved | {"norm_adv": "batch" if saved["norm_adv"] else "none"}
+    taken_values = {"resume": args.resume, "total_timesteps": total_timesteps, "cuda": args.cuda, "compile": args.compile}
+    return Args(**(saved | taken_values)), checkpoint, os.path.dirname(os.path.abspath(args.resume))
+
+
+def check_run(args: Args) -> tuple[dict, int, int]:
+    """Every check that could otherwise fail in the middle of the run, before anything is written: the arguments, the
+    environment and the batch's memory. Returns the keyword arguments of `gym.make` and the observation and action sizes."""
+    check_args(args)
+    env_kwargs = parse_env_kwargs(args.env_kwargs)
+    obs_dim, act_dim = check_env(args.env_id, env_kwargs, restorable=args.sampling == "vine")
+    check_memory(args.num_envs * args.num_steps, obs_dim, act_dim)
+    return env_kwargs, obs_dim, act_dim
+
+
+def start_logging(args: Args, run_dir: str, checkpoint: dict | None) -> tuple[SummaryWriter, object | None]:
+    """The run directory (refused if it cannot be written), its TensorBoard writer (on resume, what was logged after the
+    checkpoint is dropped) and the W&B run of `--track` (None without)."""
+    check_writable(run_dir)
+    tracking = start_tracking(args, run_dir) if args.track else None
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return writer, tracking
+
+
+def seed_and_device(args: Args) -> torch.device:
+    """Seed Python's, numpy's and torch's generators; the device of the update (the GPU with --cuda, if there is one)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("note: no GPU is available; training on the CPU", file=sys.stderr)
+    return device
+
+
+def restore(
+    checkpoint: dict, agent: Agent, optimizer: torch.optim.Optimizer, normalizer: Normalizer, device: torch.device
+) -> tuple[int, int]:
+    """Load a checkpoint's agent, optimizer, normalizer and random generators; returns its global step and the iteration
+    to continue with."""
+    agent.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    normalizer.load_state_dict(checkpoint["normalizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    if device.type == "cuda" and checkpoint["cuda_rng"]:  # the generator of the GPU that wrote it, if one did
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
+    # Gymnasium cannot save an environment's state in general: a resumed run starts new episodes.
+    normalizer.discounted_return[:] = 0.0
+    return checkpoint["global_step"], checkpoint["iteration"] + 1
+
+
+def log_episodes(writer: SummaryWriter, episodes: list[tuple[int, float, int]], global_step: int, num_envs: int) -> list:
+    """Log the raw return and length of each episode that ended in the rollout (at step t of the rollout, which began
+    after `global_step`) and return the returns."""
+    for t, episodic_return, episodic_length in episodes:
+        step = global_step + (t + 1) * num_envs
+        writer.add_scalar("charts/episodic_return", episodic_return, step)
+        writer.add_scalar("charts/episodic_length", episodic_length, step)
+    return [episodic_return for _, episodic_return, _ in episodes]
+
+
+def training_quantities(agent: Agent, normalizer: Normalizer, batch: dict, stats: dict) -> dict:
+    """What must stay finite for training to go on: the batch's observations, the losses, the parameters and the running
+    statistics (named for `check_finite`'s message)."""
+    return (
+        {"the normalized observation": batch["obs"]}
+        | {k: v for k, v in stats.items() if k.startswith("losses/")}
+        | {f"the parameter {name}": p for name, p in agent.named_parameters()}
+        | {"the running observation mean or variance": np.concatenate([normalizer.obs_rms.mean, normalizer.obs_rms.var])}
+        | {"the running return variance": normalizer.ret_rms.var}
+    )
+
+
+def log_iteration(
+    writer: SummaryWriter, progress: tqdm, stats: dict, global_step: int, steps: int, recent_returns: deque
+) -> None:
+    """Write the iteration's statistics to TensorBoard and move the progress bar by the iteration's `steps`."""
+    for tag, value in stats.items():
+        writer.add_scalar(tag, value, global_step)
+    mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+    progress.set_postfix(SPS=stats["charts/SPS"], ret=f"{mean_return:.1f}", refresh=False)
+    progress.update(steps)
+
+
+def keeps_checkpoints(args: Args) -> bool:
+    return args.save_model or args.checkpoint_interval > 0
+
+
+def save_due(args: Args, iteration: int, stopped_by: int) -> bool:
+    """Whether the checkpoint is written at the end of this iteration: every --checkpoint-interval, and when stopped."""
+    interval_due = args.checkpoint_interval > 0 and iteration % args.checkpoint_interval == 0
+    return keeps_checkpoints(args) and (stopped_by != 0 or interval_due)
+
+
+def stop_at_fault(fault: NumericalFault, args: Args, checkpoint_path: str, last_good: dict, closing: list) -> NumericalFault:
+    """After a numerical fault: close `closing`, write the last good state (if the run keeps checkpoints) and return the
+    fault's one-line message, naming the iteration and the checkpoint kept."""
+    for resource in closing:
+        resource.close()
+    kept = ""
+    if keeps_checkpoints(args):
+        save_checkpoint(checkpoint_path, last_good)
+        kept = f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}"
+    return NumericalFault(f"{args.env_id}, iteration {last_good['iteration'] + 1}: {fault}{kept}")
+
+
+def finish(
+    args: Args,
+    checkpoint_path: str,
+    final: dict,
+    stopped_by: int,
+    recent_returns: deque,
+    writer: SummaryWriter,
+    tracking,
+    closing: list,
+) -> dict[str, float]:
+    """End the run: close `closing`; unless it was stopped by a signal, write the final checkpoint `final` and evaluate
+    it (--save-model); close the logs. Returns `train`'s summary."""
+    for resource in closing:
+        resource.close()
+    if stopped_by:
+        resume = f"; continue with --resume {checkpoint_path}" if keeps_checkpoints(args) else ""
+        print(f"stopped by {signal.Signals(stopped_by).name} at step {final['global_step']}{resume}", file=sys.stderr)
+    elif keeps_checkpoints(args):
+        save_checkpoint(checkpoint_path, final)
+        if args.save_model:
+            evaluate_checkpoint(checkpoint_path, writer, final["global_step"])
+    writer.close()
+    if tracking is not None:
+        tracking.finish()
+    mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
+    return {"global_step": final["global_step"], "mean_return": mean_return, "stopped_by": stopped_by}
 
 
 def check_args(args: Args) -> None:
@@ -1055,7 +1102,10 @@ def check_args(args: Args) -> None:
             not (1 <= args.vf_iters <= 1000 and 1 <= args.cg_iters <= 1000 and 1 <= args.line_search_steps <= 60),
             "--vf-iters and --cg-iters must be between 1 and 1000, --line-search-steps between 1 and 60 (0.5^60 ~ 1e-18)",
         ),
-        (args.norm_adv and batch_size < 2, "--norm-adv cannot standardize the advantages of a batch of one sample"),
+        (
+            args.norm_adv != "none" and batch_size < 2,
+            f"--norm-adv {args.norm_adv} cannot standardize the advantages of one sample (--num-envs, --num-steps)",
+        ),
         (
             not 0 < args.max_kl < inf or not 0 < args.npg_step_size < inf,
             "--max-kl and --npg-step-size must be positive and finite",
@@ -1149,7 +1199,7 @@ def checkpoint_state(
 ) -> dict:
     """Everything needed to evaluate the policy or to continue the run, copied (of the random generators, the CPU's and
     that of the GPU the run uses, if it uses one)."""
-    return copy.deepcopy(
+    return cloned(
         {
             "algo": "trpo_continuous",
             "args": asdict(args),
@@ -1163,6 +1213,18 @@ def checkpoint_state(
             "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         }
     )
+
+
+def cloned(state):
+    """A copy of `state` (dicts and lists of tensors and other values) with its tensors cloned: `copy.deepcopy` of a
+    tensor is far slower (70 ms for a checkpoint of Humanoid's networks, against 0.1 ms)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: cloned(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [cloned(v) for v in state]
+    return copy.deepcopy(state)
 
 
 def start_tracking(args: Args, run_dir: str):
@@ -1286,6 +1348,20 @@ def compiled(step: Callable, device: torch.device) -> Callable:
     return run
 
 
+def old_spellings(argv: list[str]) -> list[str]:
+    """The boolean --norm-adv's spellings (CleanRL's), kept as aliases: `--norm-adv` alone is `--norm-adv batch`,
+    `--no-norm-adv` is `--norm-adv none`."""
+    spelled = []
+    for i, arg in enumerate(argv):
+        if arg == "--no-norm-adv":
+            spelled += ["--norm-adv", "none"]
+        elif arg == "--norm-adv" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            spelled += ["--norm-adv", "batch"]
+        else:
+            spelled.append(arg)
+    return spelled
+
+
 def evaluate_checkpoint(path: str, writer: SummaryWriter, global_step: int) -> None:
     """Run `utils.evaluate` on the final checkpoint and log `eval/episodic_return`, when utils/ is here. The 10 returns
     are logged at the steps after the run's last, so that resuming the run (to extend it, or with nothing left to train)
@@ -1301,7 +1377,7 @@ def evaluate_checkpoint(path: str, writer: SummaryWriter, global_step: int) -> N
 
 if __name__ == "__main__":
     try:
-        summary = train(tyro.cli(Args))
+        summary = train(tyro.cli(Args, args=old_spellings(sys.argv[1:])))
     except ArgsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -27,3 +27,21 @@ def test_value_loss_clipped_and_unclipped():
     assert ppo.value_loss(new, old, ret, 0.2, clip_vloss=False).item() == pytest.approx(1 / 3)
     # clipped V: 0.2, 0.0, 2.0 -> squared errors 3.24, 1, 0; max with unclipped 1, 1, 0
     assert ppo.value_loss(new, old, ret, 0.2, clip_vloss=True).item() == pytest.approx(0.5 * (3.24 + 1 + 0) / 3)
+
+
+def test_the_value_clipping_range_is_the_clip_coef_unless_vf_clip_coef_is_set(monkeypatch):
+    """--clip-vloss clips by --vf-clip-coef, which defaults to --clip-coef (Baselines' ppo2 and CleanRL)."""
+    ranges = []
+
+    def recording_value_loss(new_values, old_values, returns, clip_coef, clip_vloss):
+        ranges.append(clip_coef)
+        return ((new_values - returns) ** 2).mean()
+
+    monkeypatch.setattr(ppo, "value_loss", recording_value_loss)
+    torch.manual_seed(0)
+    agent = ppo.Agent(3, 2)
+    mb = {"obs": torch.randn(8, 3), "actions": torch.randn(8, 2), "logprobs": torch.randn(8)}
+    mb |= {"values": torch.randn(8), "advantages": torch.randn(8), "returns": torch.randn(8)}
+    for args in [ppo.Args(clip_coef=0.3), ppo.Args(clip_coef=0.3, vf_clip_coef=0.1)]:
+        ppo.minibatch_step(agent, ppo.adam_state(torch.optim.Adam(agent.parameters())), mb, 1e-3, args)
+    assert ranges == [0.3, 0.1]

@@ -88,11 +88,13 @@ def _bad_args(name):
         ]
     if name == "ppo_continuous":
         cases += [
-            (dict(clip_coef=float("inf")), "--clip-coef must be positive and finite"),
-            (dict(clip_coef=0.0), "--clip-coef must be positive and finite"),
+            (dict(clip_coef=float("inf")), "--clip-coef and --vf-clip-coef must be positive and finite"),
+            (dict(clip_coef=0.0), "--clip-coef and --vf-clip-coef must be positive and finite"),
+            (dict(vf_clip_coef=float("nan")), "--clip-coef and --vf-clip-coef must be positive and finite"),
+            (dict(num_steps=64, num_minibatches=64), "--norm-adv minibatch cannot standardize the advantages of one sample"),
             (
-                dict(num_steps=64, num_minibatches=64),
-                "--num-minibatches 64 leaves one sample per minibatch, whose advantage --norm-adv cannot",
+                dict(num_steps=1, num_minibatches=1, norm_adv="batch"),
+                "--norm-adv batch cannot standardize the advantages of one sample",
             ),
         ]
     if name == "trefree_continuous":
@@ -108,6 +110,7 @@ def _bad_args(name):
         ]
     if name == "trpo_continuous":
         cases += [
+            (dict(num_steps=1, num_minibatches=1), "--norm-adv batch cannot standardize the advantages of one sample"),
             (dict(max_kl=0.0), "--max-kl and --npg-step-size must be positive"),
             (dict(max_kl=-1.0), "--max-kl and --npg-step-size must be positive"),
             (dict(max_kl=float("inf")), "--max-kl and --npg-step-size must be positive and finite"),

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import COUNTER_ID, only_run_dir
+import tyro
+from helpers import COUNTER_ID, CounterEnv, only_run_dir
 
 from utils.logs import read_scalars
 
@@ -141,7 +142,7 @@ def test_rollout_keeps_every_acted_step_and_bootstraps_from_the_final_observatio
     obs = normalizer.obs(envs.reset(seed=0)[0])
     agent = algo.Agent(1, 1, init_log_std=1.0)  # sigma = e: most sampled actions fall outside the bounds [-1, 1]
     torch.manual_seed(5)
-    batch, _, episodes = algo.rollout(envs, agent, normalizer, obs, num_steps=16)
+    batch, _, episodes = algo.rollout(envs, agent, normalizer, obs, num_steps=16)[:3]
     envs.close()
 
     # Actions: the sampled a = mu(s) + sigma eps (eps the CPU generator's first draw), stored as sampled, not clipped.
@@ -266,3 +267,124 @@ def test_bad_input_exits_with_one_line(tmp_path, script, argv, message):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script, on", [("ppo_continuous", "minibatch"), ("trpo_continuous", "batch")])
+def test_the_boolean_norm_adv_spellings_are_aliases(script, on):
+    """CleanRL's `--norm-adv` / `--no-norm-adv` (PPO), and TRPO's old switch, still parse, with their old meaning."""
+    algo = importlib.import_module(script)
+
+    def parse(*argv: str):
+        return tyro.cli(algo.Args, args=algo.old_spellings(list(argv)))
+
+    assert parse("--norm-adv").norm_adv == on
+    assert parse("--norm-adv", "--seed", "3") == algo.Args(norm_adv=on, seed=3)
+    assert parse("--no-norm-adv").norm_adv == "none"
+    assert parse("--norm-adv", "none").norm_adv == "none" and parse().norm_adv == on
+
+
+def test_rollout_arrays_are_float32_and_the_environment_gets_the_action_clipped_to_its_bounds(algo, monkeypatch):
+    received = []
+    original_step = CounterEnv.step
+    monkeypatch.setattr(CounterEnv, "step", lambda self, action: received.append(action.copy()) or original_step(self, action))
+    envs = algo.make_envs(COUNTER_ID, num_envs=1)
+    normalizer = algo.Normalizer(obs_dim=1, num_envs=1, gamma=0.99)
+    obs = normalizer.obs(envs.reset(seed=0)[0])
+    torch.manual_seed(5)
+    batch, _, episodes = algo.rollout(envs, algo.Agent(1, 1, init_log_std=1.0), normalizer, obs, num_steps=16)[:3]
+    envs.close()
+    assert all(array.dtype == np.float32 for array in batch.values())
+    np.testing.assert_array_equal(np.stack(received), np.clip(batch["actions"][:, 0], -1.0, 1.0))
+    assert (np.stack(received) == -1.0).any() and (np.stack(received) == 1.0).any()  # both bounds acted
+    # Each finished episode: (step index, raw return, length) as scalars.
+    assert [(t, float(r), int(n)) for t, r, n in episodes] == [(4, 5.0, 5), (7, 3.0, 3), (12, 5.0, 5), (15, 3.0, 3)]
+    assert all(np.ndim(r) == 0 and np.ndim(n) == 0 for _, r, n in episodes)
+
+
+@pytest.mark.parametrize("bad", ["observation", "reward"])
+def test_rollout_refuses_a_non_finite_observation_or_reward_and_names_its_step(algo, monkeypatch, bad):
+    original_step = CounterEnv.step
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = original_step(self, action)
+        if self.n == 2 and self.episode == 1:  # the 7th step of the rollout (t = 6)
+            obs, reward = (obs * np.nan, reward) if bad == "observation" else (obs, np.inf)
+        return obs, reward, terminated, truncated, info
+
+    monkeypatch.setattr(CounterEnv, "step", step)
+    envs = algo.make_envs(COUNTER_ID, num_envs=1)
+    normalizer = algo.Normalizer(obs_dim=1, num_envs=1, gamma=0.99)
+    with pytest.raises(algo.NumericalFault, match="non-finite observation or reward at rollout step 6$"):
+        algo.rollout(envs, algo.Agent(1, 1), normalizer, normalizer.obs(envs.reset(seed=0)[0]), num_steps=16)
+    envs.close()
+
+
+def test_normalized_values_are_float32_and_a_zero_variance_is_guarded_by_epsilon(algo):
+    normalizer = algo.Normalizer(obs_dim=2, num_envs=1, gamma=0.99)
+    assert normalizer.obs(np.array([[1.0, 2.0]])).dtype == np.float32
+    assert normalizer.reward(np.array([1.0]), np.array([False])).dtype == np.float32
+    normalizer.obs_rms.mean, normalizer.obs_rms.var = np.array([1.0, 0.0]), np.array([0.0, 4.0])
+    # (x - mean) / sqrt(var + 1e-8), clipped to +-10: a feature that never varied stays finite.
+    np.testing.assert_allclose(normalizer.obs(np.array([[1.00001, 2.0]]), update=False), [[0.1, 1.0]], rtol=1e-4)
+    normalizer.ret_rms.var = np.array(0.0)
+    normalizer.ret_rms.count = 1e12  # one more return barely moves the variance from 0
+    assert normalizer.reward(np.array([1e-5]), np.array([False]))[0] == pytest.approx(0.1, rel=1e-3)
+
+
+@pytest.mark.parametrize("script", ["ppo_continuous", "trefree_continuous"])
+def test_clipped_value_loss_against_hand_values_on_both_sides(script):
+    """0.5 max((V - R)^2, (old_V + clip(V - old_V, -c, c) - R)^2), Baselines' ppo2, with V beyond old_V +- c on each side."""
+    algo = importlib.import_module(script)
+    new, old, ret = torch.tensor([2.0, -2.0, 0.1, 0.0]), torch.zeros(4), torch.tensor([3.0, -3.0, 0.0, -1.0])
+    # clipped V: 0.2, -0.2, 0.1, 0.0 -> squared errors (2.8^2, 2.8^2, 0.01, 1) against the unclipped (1, 1, 0.01, 1)
+    assert algo.value_loss(new, old, ret, 0.2, clip_vloss=True).item() == pytest.approx(0.5 * (7.84 + 7.84 + 0.01 + 1) / 4)
+    assert algo.value_loss(new, old, ret, 0.2, clip_vloss=False).item() == pytest.approx(0.5 * (1 + 1 + 0.01 + 1) / 4)
+
+
+def test_ratio_statistics_against_hand_values(algo):
+    torch.manual_seed(0)
+    agent = algo.Agent(3, 2)
+    obs, actions, ratio = torch.randn(5, 3), torch.randn(5, 2), torch.tensor([0.5, 0.8, 1.0, 1.5, 2.0])
+    with torch.no_grad():
+        logprobs = agent.log_prob(obs, actions) - ratio.log()  # pi_theta / pi_old = ratio
+    advantages = torch.tensor([1.0, -1.0, 2.0, 0.5, -0.5])
+    batch = {"obs": obs, "actions": actions, "logprobs": logprobs, "advantages": advantages}
+    stats = {k: v.item() for k, v in algo.ratio_stats(agent, batch).items()}
+    assert stats["ratio/max"] == pytest.approx(2.0) and stats["ratio/min"] == pytest.approx(0.5)
+    kl = np.mean([(r - 1) - np.log(r) for r in ratio.tolist()])  # the unbiased estimator of KL(pi_old || pi_theta)
+    assert stats["losses/approx_kl"] == pytest.approx(kl, rel=1e-5)
+    if algo.__name__ == "trefree_continuous":
+        log_ratio = ratio.log().numpy()
+        assert stats["ratio/log_p95"] == pytest.approx(np.percentile(log_ratio, 95), rel=1e-5)
+        assert stats["ratio/log_p05"] == pytest.approx(np.percentile(log_ratio, 5), rel=1e-5)
+        assert stats["losses/objective"] == pytest.approx(((ratio - 1) * advantages).mean().item(), rel=1e-5)
+
+
+def test_explained_variance_against_hand_values(algo):
+    returns, values = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 5.0])
+    # 1 - Var(R - V) / Var(R), unbiased variances: Var([0, 0, 0, -1]) = 0.25, Var([1, 2, 3, 4]) = 5/3
+    assert algo.explained_variance(values, returns) == pytest.approx(1 - 0.25 / (5 / 3))
+    assert np.isnan(algo.explained_variance(values, torch.ones(4)))  # constant returns: undefined
+
+
+def test_make_batch_flattens_step_major_with_values_log_probabilities_and_gae(algo):
+    torch.manual_seed(0)
+    agent = algo.Agent(3, 2)
+    rng = np.random.default_rng(0)
+    rollout_batch = {k: rng.normal(size=(4, 2, 3)).astype(np.float32) for k in ("obs", "next_obs")}
+    rollout_batch |= {"actions": rng.normal(size=(4, 2, 2)).astype(np.float32)}
+    rollout_batch |= {k: rng.normal(size=(4, 2)).astype(np.float32) for k in ("rewards",)}
+    rollout_batch |= {"terminations": np.array([[0, 0], [1, 0], [0, 0], [0, 0]], np.float32)}
+    rollout_batch |= {"dones": np.array([[0, 0], [1, 0], [0, 1], [0, 0]], np.float32)}
+    batch = algo.make_batch(agent, rollout_batch, 0.9, 0.8, torch.device("cpu"))
+    b = {k: torch.from_numpy(v) for k, v in rollout_batch.items()}
+    with torch.no_grad():
+        values, next_values = agent.value(b["obs"]), agent.value(b["next_obs"])
+        logprobs = agent.log_prob(b["obs"], b["actions"])
+    advantages, returns = algo.compute_gae(b["rewards"], values, next_values, b["terminations"], b["dones"], 0.9, 0.8)
+    expected = {"obs": b["obs"], "actions": b["actions"], "logprobs": logprobs, "values": values}
+    expected |= {"advantages": advantages, "returns": returns}
+    assert batch.keys() == expected.keys()
+    for k, v in expected.items():  # entry t * num_envs + i is step t of environment i
+        torch.testing.assert_close(batch[k], v.flatten(0, 1), rtol=0, atol=0, msg=k)
+        assert not batch[k].requires_grad

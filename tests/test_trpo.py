@@ -179,6 +179,7 @@ def test_a_zero_policy_gradient_skips_the_policy_step(step_rule):
     assert torch.equal(parameters_to_vector(agent.policy_parameters()).detach(), theta_old)
     assert stats["trpo/zero_gradient"] == 1.0 and stats["trpo/line_search_steps"] == -1 and stats["losses/grad_norm"] == 0.0
     assert all(math.isfinite(value) for value in stats.values()), stats
+    assert [stats[f"trpo/{k}"] for k in ("kl", "surrogate_improvement", "cg_residual", "step_norm")] == [0.0] * 4
 
 
 def test_the_full_step_has_quadratic_kl_delta_and_its_measured_kl_is_close():
@@ -229,3 +230,129 @@ def test_vine_q_values_against_hand_computed_ones():
     q = trpo.make_vine_batch(agent, vine, torch.device("cpu"))["q_values"]
     expected = [[1 + gamma + gamma**2 + 2 * gamma**3, 1 + gamma], [5.0 + 2 * gamma, -1.0]]
     torch.testing.assert_close(q, torch.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+def _policy_batch(agent: trpo.Agent, n: int = 64) -> dict[str, torch.Tensor]:
+    """A float64 batch whose log-probabilities are the agent's own (the ratio is 1 at theta_old)."""
+    torch.manual_seed(3)
+    batch = {"obs": torch.randn(n, 3), "actions": torch.randn(n, 2), "advantages": torch.randn(n), "returns": torch.randn(n)}
+    batch = {k: v.double() for k, v in batch.items()} | {"values": torch.zeros(n, dtype=torch.float64)}
+    with torch.no_grad():
+        batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
+    return batch
+
+
+def _surrogate_and_gradient(agent: trpo.Agent, surrogate) -> tuple[float, torch.Tensor]:
+    value = surrogate()
+    return value.item(), torch.cat([g.flatten() for g in torch.autograd.grad(value, agent.policy_parameters())])
+
+
+@pytest.mark.parametrize("step_rule", ["constraint", "penalty"])
+def test_update_statistics_against_their_definitions(step_rule):
+    """Every statistic of `update` recomputed from its definition: the surrogate with its entropy bonus (eq. (15)), its
+    gradient at theta_old, the KLs of the step, the improvement and the step's length; the value loss of the fit."""
+    agent = _tiny_agent()
+    batch = _policy_batch(agent)
+    args = trpo.Args(step_rule=step_rule, ent_coef=0.1, num_minibatches=4, vf_iters=1, npg_step_size=0.01)
+    a = batch["advantages"]
+    advantages = (a - a.mean()) / (a.std() + 1e-8)
+
+    def surrogate() -> torch.Tensor:
+        ratio = (agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]).exp()
+        return (ratio * advantages).mean() + 0.1 * agent.entropy()
+
+    surrogate_old, g = _surrogate_and_gradient(agent, surrogate)
+    theta_old = parameters_to_vector(agent.policy_parameters()).detach().clone()
+    with torch.no_grad():
+        mean_old, log_std_old = agent.actor_mean(batch["obs"]), agent.actor_logstd.clone()
+        critic_before = agent.value(batch["obs"])
+    torch.manual_seed(0)
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    with torch.no_grad():
+        kls = trpo.gaussian_kl(mean_old, log_std_old, agent.actor_mean(batch["obs"]), agent.actor_logstd)
+        surrogate_new = surrogate().item()
+    step = parameters_to_vector(agent.policy_parameters()).detach() - theta_old
+    assert stats["losses/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-9)
+    assert stats["losses/policy_loss"] == pytest.approx(-surrogate_new, rel=1e-9)
+    assert stats["trpo/surrogate_improvement"] == pytest.approx(surrogate_new - surrogate_old, rel=1e-6)
+    assert surrogate_new > surrogate_old
+    assert stats["trpo/kl"] == pytest.approx(kls.mean().item(), rel=1e-6) and stats["trpo/max_kl"] == kls.max().item()
+    assert stats["trpo/step_norm"] == pytest.approx(step.norm().item(), rel=1e-6) and step.norm() > 0
+    assert stats["losses/entropy"] == pytest.approx(agent.entropy().item()) and stats["trpo/cg_residual"] > 0
+    # vf_iters 1 of 4 minibatches: the value loss's mean over those steps is close to the loss before the fit.
+    assert stats["losses/value_loss"] == pytest.approx(0.5 * ((critic_before - batch["returns"]) ** 2).mean().item(), rel=0.05)
+    assert step_rule == "penalty" or stats["trpo/line_search_steps"] >= 0
+
+
+def test_the_empirical_fisher_step_solves_the_dense_score_covariance_system():
+    """--fisher empirical: the step direction is (G^T G / n + damping I)^-1 g, G the per-sample score gradients."""
+    agent = _tiny_agent()
+    batch = _policy_batch(agent)
+    args = trpo.Args(fisher="empirical", cg_iters=200, max_kl=1e-10, num_minibatches=4, vf_iters=1)
+    a = batch["advantages"]
+    advantages = (a - a.mean()) / (a.std() + 1e-8)
+    _, g = _surrogate_and_gradient(
+        agent, lambda: ((agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]).exp() * advantages).mean()
+    )
+    scores = trpo.score_matrix(agent, batch["obs"], batch["actions"]).detach()
+    direction = torch.linalg.solve(scores.T @ scores / 64 + args.cg_damping * torch.eye(len(g), dtype=g.dtype), g)
+    theta_old = parameters_to_vector(agent.policy_parameters()).detach().clone()
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    step = parameters_to_vector(agent.policy_parameters()).detach() - theta_old
+    assert stats["trpo/line_search_steps"] == 0
+    assert torch.nn.functional.cosine_similarity(step, direction, dim=0).item() == pytest.approx(1.0, abs=1e-8)
+
+
+def test_the_vine_policy_step_follows_the_gradient_of_eq_17_with_the_entropy_bonus():
+    """Given a vine batch (N states, K actions each, K != the action size), the policy gradient is that of the
+    self-normalized surrogate of eq. (17) over the rollout set, plus ent_coef times the entropy's."""
+    agent = _tiny_agent()
+    torch.manual_seed(4)
+    states, actions = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        logprobs = agent.log_prob(states[:, None, :].expand(-1, 3, -1), actions)
+    vine_batch = {"obs": states, "actions": actions, "logprobs": logprobs, "q_values": torch.randn(6, 3, dtype=torch.float64)}
+
+    def surrogate() -> torch.Tensor:
+        weights = (agent.log_prob(states[:, None, :].expand(-1, 3, -1), actions) - logprobs).exp()
+        return ((weights * vine_batch["q_values"]).sum(1) / weights.sum(1)).mean() + 0.1 * agent.entropy()
+
+    _, g = _surrogate_and_gradient(agent, surrogate)
+    args = trpo.Args(sampling="vine", ent_coef=0.1, num_minibatches=4, vf_iters=1)
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), _policy_batch(agent), args, vine_batch)
+    assert stats["losses/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-9)
+    assert stats["losses/policy_loss"] == pytest.approx(-surrogate().item(), rel=1e-9)
+
+
+def test_value_loss_is_half_the_mean_squared_error():
+    new, returns = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 0.5])
+    assert trpo.value_loss(new, returns).item() == pytest.approx(0.5 * (1 + 9 + 0) / 3)
+
+
+def test_line_search_boundaries_and_its_report():
+    """A step is accepted with KL exactly max_kl, refused with no improvement, and reports its improvement; a rejected
+    search reports (-1, 0, 0)."""
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    steps, kl, improvement = trpo.line_search(
+        [theta],
+        torch.ones(2, dtype=torch.float64),
+        lambda: 3 * theta.sum() + 1,
+        lambda: torch.tensor(0.01, dtype=torch.float64),
+        0.01,
+        10,
+    )
+    assert (steps, kl, improvement) == (0, 0.01, pytest.approx(6.0))
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    zero = lambda: theta.sum() * 0  # noqa: E731
+    flat = trpo.line_search([theta], torch.ones(2, dtype=torch.float64), zero, zero, 0.01, 10)
+    assert flat == (-1, 0.0, 0.0) and torch.equal(theta.detach(), torch.zeros(2, dtype=torch.float64))
+
+
+def test_the_time_limit_and_the_state_of_an_environment_are_found_under_other_wrappers_or_without_any():
+    import gymnasium as gym
+
+    env = gym.wrappers.ClipAction(gym.make("Hopper-v5"))
+    assert isinstance(trpo.time_limit(env), gym.wrappers.TimeLimit)
+    env.reset(seed=0)
+    data, elapsed = trpo.save_state(env.unwrapped)  # no TimeLimit at all: no step counter
+    assert elapsed is None and trpo.time_limit(env.unwrapped) is None and data.time == env.unwrapped.data.time

@@ -6,6 +6,7 @@ import importlib
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,3 +173,85 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_line(tmp_path, script
         and notes[0].endswith("the update runs eagerly, as with --no-compile")
     )
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+@pytest.mark.parametrize("script", ["ppo_continuous", "trefree_continuous"])
+def test_norm_adv_batch_standardizes_the_whole_batch_once(script):
+    """--norm-adv batch: the update of a batch equals that of its advantages standardized beforehand with no
+    normalization; per minibatch (`minibatch`) is a different update."""
+    algo = importlib.import_module(script)
+    torch.manual_seed(0)
+    obs, actions = torch.randn(64, OBS_DIM), torch.randn(64, ACT_DIM)
+    batch = {"obs": obs, "actions": actions, "logprobs": torch.randn(64), "values": torch.randn(64)}
+    batch |= {"advantages": 3 + 2 * torch.randn(64), "returns": torch.randn(64)}
+    a = batch["advantages"]
+
+    def updated(norm_adv: str, advantages: torch.Tensor) -> list[torch.Tensor]:
+        torch.manual_seed(1)
+        agent = algo.Agent(OBS_DIM, ACT_DIM)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+        args = algo.Args(norm_adv=norm_adv, num_minibatches=4, update_epochs=2)
+        algo.update(agent, optimizer, batch | {"advantages": advantages}, args)
+        return list(agent.state_dict().values())
+
+    by_batch = updated("batch", a)
+    assert all(torch.equal(p, q) for p, q in zip(by_batch, updated("none", (a - a.mean()) / (a.std() + 1e-8)), strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(by_batch, updated("minibatch", a), strict=True))
+
+
+def _reference_parts(algo, agent, mb, args):
+    """(policy loss, value loss, entropy, clipped or capped fraction) of a minibatch, by the script's loss functions."""
+    with torch.no_grad():
+        logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
+        advantages = (mb["advantages"] - mb["advantages"].mean()) / (mb["advantages"].std() + 1e-8)
+        if algo.__name__ == "ppo_continuous":
+            policy_loss = algo.ppo_loss(logratio, advantages, args.clip_coef)
+            fraction = ((logratio.exp() - 1).abs() > args.clip_coef).float().mean()
+            v_loss = algo.value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.clip_coef, args.clip_vloss)
+        else:
+            policy_loss, capped = algo.trefree_loss(logratio, advantages, args.delta, args.conservative, args.ratio_clip)
+            fraction = capped.float().mean()
+            v_loss = algo.value_loss(agent.value(mb["obs"]), mb["values"], mb["returns"], args.vf_clip_coef, args.clip_vloss)
+        return torch.stack([policy_loss, v_loss, agent.entropy(), fraction])
+
+
+@pytest.mark.parametrize("script", ["ppo_continuous", "trefree_continuous"])
+@pytest.mark.parametrize("target_kl", [None, 1e-9])
+def test_update_runs_epochs_of_minibatch_steps_over_fresh_permutations(script, target_kl):
+    """`update` = for each epoch, a fresh random permutation of the batch cut into `num_minibatches` minibatches, one
+    clipped Adam step on each (stopping after the epoch whose approximate KL exceeds `target_kl`); its statistics are the
+    means over the steps of the losses and gradient norms, and the ratio's statistics over the whole batch after them."""
+    algo = importlib.import_module(script)
+    agent, optimizer, args, minibatches = _setup(algo)
+    args = replace(args, num_minibatches=4, update_epochs=3, target_kl=target_kl, clip_vloss=True)
+    batch = {k: torch.cat([mb[k] for mb in minibatches[:4]]) for k in minibatches[0]}
+    ref_agent = copy.deepcopy(agent)
+    lr, eps = optimizer.defaults["lr"], optimizer.defaults["eps"]
+    ref_optimizer = torch.optim.Adam(ref_agent.parameters(), lr=lr, eps=eps, fused=True)
+    torch.manual_seed(11)
+    stats = algo.update(agent, optimizer, batch, args)
+
+    torch.manual_seed(11)
+    parts, norms = [], []
+    for _ in range(1 if target_kl else 3):
+        for indices in torch.randperm(4 * MINIBATCH).split(MINIBATCH):
+            mb = {k: v[indices] for k, v in batch.items()}
+            parts.append(_reference_parts(algo, ref_agent, mb, args))
+            ref_optimizer.zero_grad()
+            _reference_loss(algo, ref_agent, mb, args).backward()
+            norms.append(nn.utils.clip_grad_norm_(list(ref_agent.parameters()), args.max_grad_norm))
+            ref_optimizer.step()
+    for p, q in zip(agent.state_dict().values(), ref_agent.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    assert optimizer.state_dict()["state"][0]["step"].item() == len(norms) == (4 if target_kl else 12)
+    policy_loss, v_loss, entropy, fraction = torch.stack(parts).mean(0).tolist()
+    fraction_tag = "losses/clipfrac" if script == "ppo_continuous" else "losses/capfrac"
+    assert stats["losses/policy_loss"] == pytest.approx(policy_loss, rel=1e-6)
+    assert stats["losses/value_loss"] == pytest.approx(v_loss, rel=1e-6)
+    assert stats["losses/entropy"] == pytest.approx(entropy, rel=1e-6)
+    assert stats[fraction_tag] == pytest.approx(fraction, rel=1e-6) and 0 < fraction < 1
+    assert stats["losses/grad_norm"] == pytest.approx(torch.stack(norms).mean().item(), rel=1e-6)
+    with torch.no_grad():
+        logratio = ref_agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]
+    assert stats["ratio/max"] == logratio.exp().max().item() and stats["ratio/min"] == logratio.exp().min().item()
+    assert stats["losses/approx_kl"] == pytest.approx(((logratio.exp() - 1) - logratio).mean().item(), rel=1e-6)

@@ -88,3 +88,21 @@ def test_separate_networks_share_nothing():
     agent = trefree.Agent(obs_dim=5, act_dim=2, share_first_layer=False)
     assert not {id(p) for p in agent.actor_mean.parameters()} & {id(p) for p in agent.critic.parameters()}
     assert all(g is None for g in _value_loss_grads(agent).values())
+
+
+@pytest.mark.parametrize("conservative", ["objective", "ratio", "none"])
+def test_the_minibatch_step_optimises_the_chosen_surrogate_with_its_own_margin(conservative):
+    """`minibatch_step` reports the surrogate of --conservative with its margin (delta, or --ratio-clip), and the
+    fraction of capped samples, computed at the parameters it starts from."""
+    torch.manual_seed(0)
+    agent = trefree.Agent(3, 2)
+    mb = {"obs": torch.randn(32, 3), "actions": torch.randn(32, 2), "values": torch.randn(32), "returns": torch.randn(32)}
+    with torch.no_grad():
+        mb |= {"logprobs": agent.log_prob(mb["obs"], mb["actions"]) + 0.3 * torch.randn(32), "advantages": torch.randn(32)}
+        logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
+    args = trefree.Args(conservative=conservative, delta=0.05, ratio_clip=0.1, norm_adv="none")
+    expected, capped = trefree.trefree_loss(logratio, mb["advantages"], 0.05, conservative, 0.1)
+    adam = trefree.adam_state(torch.optim.Adam(agent.parameters()))
+    policy_loss, _, _, capfrac, _ = trefree.minibatch_step(agent, adam, mb, 1e-3, args).tolist()
+    assert policy_loss == pytest.approx(expected.item(), rel=1e-6) and capfrac == pytest.approx(capped.float().mean().item())
+    assert (0 < capfrac < 1) == (conservative != "none")

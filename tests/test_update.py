@@ -255,3 +255,22 @@ def test_update_runs_epochs_of_minibatch_steps_over_fresh_permutations(script, t
         logratio = ref_agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]
     assert stats["ratio/max"] == logratio.exp().max().item() and stats["ratio/min"] == logratio.exp().min().item()
     assert stats["losses/approx_kl"] == pytest.approx(((logratio.exp() - 1) - logratio).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("script", ["ppo_continuous", "trefree_continuous"])
+def test_a_gradient_just_below_the_clipping_norm_is_not_scaled(script):
+    """With ||g|| between max_grad_norm / 2 and max_grad_norm, clip_grad_norm_ leaves g as it is (factor min(1, c/||g||)
+    = 1): the step equals the reference bit for bit."""
+    algo = importlib.import_module(script)
+    agent, optimizer, args, minibatches = _setup(algo)
+    ref_agent = copy.deepcopy(agent)
+    loss = _reference_loss(algo, ref_agent, minibatches[0], args)
+    norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(ref_agent.parameters()))]).norm().item()
+    args = replace(args, max_grad_norm=1.5 * norm)
+    ref_optimizer = torch.optim.Adam(ref_agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    algo.minibatch_step(agent, algo.adam_state(optimizer), minibatches[0], args.learning_rate, args)
+    ref_optimizer.zero_grad()
+    _reference_loss(algo, ref_agent, minibatches[0], args).backward()
+    assert nn.utils.clip_grad_norm_(list(ref_agent.parameters()), args.max_grad_norm) < args.max_grad_norm
+    ref_optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(agent.state_dict().values(), ref_agent.state_dict().values(), strict=True))

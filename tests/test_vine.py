@@ -249,3 +249,62 @@ def test_bad_vine_arguments_are_refused(overrides, message):
 
 
 VINE_BUDGET = 60_000
+
+
+def test_vine_rollouts_against_a_branch_by_branch_replay():
+    """Each branch replayed alone: from its state, the action a_nk = mu(s_n) + sigma eps_nk, then mu(s) + sigma eps_n,t,
+    the noise its state's K branches share; the environment gets the actions clipped to its bounds; the return sums
+    gamma^t times the reward normalized with frozen statistics, until a termination (bootstrap discount 0), the time
+    limit or the horizon (gamma^steps). The three states are chosen so that all three endings occur."""
+    num_states, num_actions, horizon, gamma = 3, 2, 16, 0.9
+    rng = np.random.default_rng(0)
+    trunk = gym.make("Hopper-v5")
+    obs, _ = trunk.reset(seed=0)
+    normalizer = trpo.Normalizer(11, 1, 0.99)
+    states, state_obs = [], []
+    for n in range(num_states):
+        for _ in range(5):
+            obs, reward, *_ = trunk.step(rng.uniform(-1, 1, 3))
+            normalizer.obs(obs[None])
+            normalizer.reward(np.array([reward]), np.array([False]))
+        if n == 2:  # 10 steps from the time limit: its branches are truncated
+            trpo.time_limit(trunk)._elapsed_steps = 990
+        states.append(trpo.save_state(trunk))
+        state_obs.append(normalizer.obs(obs[None], update=False)[0])
+    torch.manual_seed(0)
+    agent = trpo.Agent(11, 3, init_log_std=0.5)  # sigma = 1.65: many actions outside the bounds [-1, 1]
+    branch_envs = [gym.make("Hopper-v5") for _ in range(num_states * num_actions)]
+    for env in branch_envs:
+        env.reset(seed=1)
+    torch.manual_seed(7)
+    vine, steps = trpo.vine_rollouts(branch_envs, states, np.stack(state_obs), agent, normalizer, gamma, horizon)
+
+    torch.manual_seed(7)
+    sigma = agent.actor_logstd.detach().exp()
+    first = (sigma * torch.randn((num_states, num_actions, 3))).numpy()
+    shared = (sigma * torch.randn((num_states, horizon - 1, 3))).numpy()
+    mu = trpo.numpy_actor(agent)
+    env, taken, endings = gym.make("Hopper-v5"), 0, set()
+    env.reset(seed=2)
+    for n in range(num_states):
+        for k in range(num_actions):
+            trpo.restore_state(env, states[n])
+            action = mu(state_obs[n][None])[0] + first[n, k]
+            np.testing.assert_allclose(vine["actions"][n, k], action, rtol=1e-6)
+            ret, discount, ending = 0.0, 1.0, "horizon"
+            for t in range(horizon):
+                raw, reward, terminated, truncated, _ = env.step(np.clip(action, -1.0, 1.0))
+                taken += 1
+                ret += discount * normalizer.reward(np.array([reward]), None, update=False)[0]
+                discount *= gamma
+                last = normalizer.obs(raw[None], update=False)[0]
+                if terminated or truncated:
+                    discount, ending = (0.0, "terminated") if terminated else (discount, "truncated")
+                    break
+                action = mu(last[None])[0] + shared[n, t] if t + 1 < horizon else action
+            endings.add(ending)
+            assert vine["returns"][n, k] == pytest.approx(ret, rel=1e-4), (n, k)
+            assert vine["bootstrap_discount"][n, k] == pytest.approx(discount, rel=1e-6), (n, k)
+            np.testing.assert_allclose(vine["bootstrap_obs"][n, k], last, rtol=1e-4, atol=1e-5)
+    assert steps == taken and endings == {"terminated", "truncated", "horizon"}
+    assert all(v.dtype == np.float32 for k, v in vine.items() if k != "obs")

@@ -196,19 +196,8 @@ def test_nan_in_training_names_the_quantity_and_keeps_the_last_good_checkpoint(a
 
 def test_nan_fault_exits_with_code_3(tmp_path):
     env = os.environ | {"PYTHONPATH": TESTS, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "ppo_continuous.py"),
-        "--env-id",
-        "helpers:tests/NaNAfter-v0",
-        "--total-timesteps",
-        "2048",
-        "--num-steps",
-        "256",
-        "--num-minibatches",
-        "8",
-        "--no-compile",
-    ]
+    flags = "--env-id helpers:tests/NaNAfter-v0 --total-timesteps 2048 --num-steps 256 --num-minibatches 8 --no-compile"
+    cmd = [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), *flags.split()]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: helpers:tests/NaNAfter-v0, iteration 3: the environment")
@@ -217,21 +206,8 @@ def test_nan_fault_exits_with_code_3(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path, script):
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, f"{script}.py"),
-        "--env-id",
-        "InvertedPendulum-v5",
-        "--total-timesteps",
-        str(40 * 512),
-        "--num-steps",
-        "512",
-        "--num-minibatches",
-        "8",
-        "--checkpoint-interval",
-        "1",
-        "--no-compile",
-    ]
+    flags = f"--env-id InvertedPendulum-v5 --total-timesteps {40 * 512} --num-steps 512 --num-minibatches 8"
+    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags.split(), "--checkpoint-interval", "1", "--no-compile"]
     process = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("runs/*/*.pt")) and time.time() < deadline:  # the first checkpoint: training is under way

@@ -232,17 +232,8 @@ def test_learns_inverted_pendulum(algo):
 def test_script_copied_alone_trains_logs_and_saves(tmp_path, script):
     shutil.copy(os.path.join(ROOT, f"{script}.py"), tmp_path / f"{script}.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        f"{script}.py",
-        "--env-id",
-        "InvertedPendulum-v5",
-        "--total-timesteps",
-        "2048",
-        "--num-steps",
-        "1024",
-        "--save-model",
-    ]
+    cmd = [sys.executable, f"{script}.py", *"--env-id InvertedPendulum-v5 --total-timesteps 2048 --num-steps 1024".split()]
+    cmd += ["--save-model"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(str(tmp_path / "runs" / "*"))
@@ -335,8 +326,9 @@ def test_normalized_values_are_float32_and_a_zero_variance_is_guarded_by_epsilon
 def test_clipped_value_loss_against_hand_values_on_both_sides(script):
     """0.5 max((V - R)^2, (old_V + clip(V - old_V, -c, c) - R)^2), Baselines' ppo2, with V beyond old_V +- c on each side."""
     algo = importlib.import_module(script)
-    new, old, ret = torch.tensor([2.0, -2.0, 0.1, 0.0]), torch.zeros(4), torch.tensor([3.0, -3.0, 0.0, -1.0])
-    # clipped V: 0.2, -0.2, 0.1, 0.0 -> squared errors (2.8^2, 2.8^2, 0.01, 1) against the unclipped (1, 1, 0.01, 1)
+    old = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    new, ret = old + torch.tensor([2.0, -2.0, 0.1, 0.0]), old + torch.tensor([3.0, -3.0, 0.0, -1.0])
+    # clipped V - old: 0.2, -0.2, 0.1, 0.0 -> squared errors (2.8^2, 2.8^2, 0.01, 1) against the unclipped (1, 1, 0.01, 1)
     assert algo.value_loss(new, old, ret, 0.2, clip_vloss=True).item() == pytest.approx(0.5 * (7.84 + 7.84 + 0.01 + 1) / 4)
     assert algo.value_loss(new, old, ret, 0.2, clip_vloss=False).item() == pytest.approx(0.5 * (1 + 1 + 0.01 + 1) / 4)
 

@@ -356,3 +356,43 @@ def test_the_time_limit_and_the_state_of_an_environment_are_found_under_other_wr
     env.reset(seed=0)
     data, elapsed = trpo.save_state(env.unwrapped)  # no TimeLimit at all: no step counter
     assert elapsed is None and trpo.time_limit(env.unwrapped) is None and data.time == env.unwrapped.data.time
+
+
+def test_norm_adv_none_steps_along_the_raw_advantages():
+    agent = _tiny_agent()
+    batch = _policy_batch(agent)
+    _, g = _surrogate_and_gradient(
+        agent,
+        lambda: ((agent.log_prob(batch["obs"], batch["actions"]) - batch["logprobs"]).exp() * batch["advantages"]).mean(),
+    )
+    args = trpo.Args(norm_adv="none", num_minibatches=4, vf_iters=1)
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    assert stats["losses/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-9)
+
+
+def test_the_reported_step_length_follows_the_line_search(monkeypatch):
+    """step_norm = 0.5^k |full step| after k halvings (--kl-constraint max halves the full step here), 0 when rejected."""
+    agent = _tiny_agent()
+    batch = _policy_batch(agent)
+    theta_old = parameters_to_vector(agent.policy_parameters()).detach().clone()
+    args = trpo.Args(kl_constraint="max", max_kl=0.05, num_minibatches=4, vf_iters=1)
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    step = parameters_to_vector(agent.policy_parameters()).detach() - theta_old
+    assert stats["trpo/line_search_steps"] >= 1 and stats["trpo/step_norm"] == pytest.approx(step.norm().item(), rel=1e-6)
+    monkeypatch.setattr(trpo, "line_search", lambda *args: (-1, 0.0, 0.0))
+    stats = trpo.update(agent, torch.optim.Adam(agent.critic.parameters()), batch, args)
+    assert stats["trpo/line_search_steps"] == -1 and stats["trpo/step_norm"] == 0.0
+
+
+def test_vine_log_probabilities_are_those_of_each_state_s_k_actions():
+    torch.manual_seed(0)
+    agent = trpo.Agent(3, 2)
+    rng = np.random.default_rng(0)
+    branches = {"obs": rng.normal(size=(4, 3)).astype(np.float32), "actions": rng.normal(size=(4, 3, 2)).astype(np.float32)}
+    branches |= {"returns": np.zeros((4, 3), np.float32), "bootstrap_discount": np.zeros((4, 3), np.float32)}
+    branches |= {"bootstrap_obs": np.zeros((4, 3, 3), np.float32)}
+    logprobs = trpo.make_vine_batch(agent, branches, torch.device("cpu"))["logprobs"]
+    obs, actions = torch.tensor(branches["obs"]), torch.tensor(branches["actions"])
+    with torch.no_grad():  # state n's log-probability of its action k, one pair at a time
+        expected = [[agent.log_prob(obs[n : n + 1], actions[n, k : k + 1]).item() for k in range(3)] for n in range(4)]
+    torch.testing.assert_close(logprobs, torch.tensor(expected))

@@ -153,17 +153,8 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_line(tmp_path, script
         "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, f"{script}.py"),
-        "--env-id",
-        "InvertedPendulum-v5",
-        "--total-timesteps",
-        "2048",
-        "--num-steps",
-        "1024",
-        "--no-cuda",
-    ]
+    flags = "--env-id InvertedPendulum-v5 --total-timesteps 2048 --num-steps 1024 --no-cuda"
+    cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags.split()]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: torch.compile failed")]
@@ -274,3 +265,22 @@ def test_a_gradient_just_below_the_clipping_norm_is_not_scaled(script):
     assert nn.utils.clip_grad_norm_(list(ref_agent.parameters()), args.max_grad_norm) < args.max_grad_norm
     ref_optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(agent.state_dict().values(), ref_agent.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("script", ["ppo_continuous", "trefree_continuous"])
+def test_standardized_advantages_make_the_update_blind_to_their_scale_and_none_does_not(script):
+    algo = importlib.import_module(script)
+    torch.manual_seed(0)
+    batch = {"obs": torch.randn(64, OBS_DIM), "actions": torch.randn(64, ACT_DIM), "logprobs": torch.randn(64)}
+    batch |= {"values": torch.randn(64), "advantages": torch.randn(64), "returns": torch.randn(64)}
+
+    def updated(norm_adv: str, scale: float) -> torch.Tensor:
+        torch.manual_seed(1)
+        agent = algo.Agent(OBS_DIM, ACT_DIM)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+        algo.update(agent, optimizer, batch | {"advantages": scale * batch["advantages"]}, algo.Args(norm_adv=norm_adv))
+        return torch.cat([p.flatten() for p in agent.state_dict().values()])
+
+    for norm_adv in ("batch", "minibatch"):
+        assert (updated(norm_adv, 1.0) - updated(norm_adv, 3.0)).abs().max() < 1e-5, norm_adv
+    assert (updated("none", 1.0) - updated("none", 3.0)).abs().max() > 1e-3

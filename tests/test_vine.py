@@ -308,3 +308,27 @@ def test_vine_rollouts_against_a_branch_by_branch_replay():
             np.testing.assert_allclose(vine["bootstrap_obs"][n, k], last, rtol=1e-4, atol=1e-5)
     assert steps == taken and endings == {"terminated", "truncated", "horizon"}
     assert all(v.dtype == np.float32 for k, v in vine.items() if k != "obs")
+
+
+class NaNObservation(gym.Wrapper):
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs * np.nan, reward, terminated, truncated, info
+
+
+def test_a_non_finite_branch_observation_stops_training_and_a_one_step_horizon_draws_no_shared_noise():
+    trunk = gym.make("Hopper-v5")
+    obs, _ = trunk.reset(seed=0)
+    normalizer, agent = trpo.Normalizer(11, 1, 0.99), trpo.Agent(11, 3)
+    states, state_obs = [trpo.save_state(trunk)], normalizer.obs(obs[None], update=False)
+    envs = [gym.make("Hopper-v5") for _ in range(2)]
+    for env in envs:
+        env.reset(seed=1)
+    with pytest.raises(trpo.NumericalFault, match="non-finite observation or reward in a branch rollout"):
+        trpo.vine_rollouts([NaNObservation(env) for env in envs], states, state_obs, agent, normalizer, 0.99, 5)
+    torch.manual_seed(3)
+    _, steps = trpo.vine_rollouts(envs, states, state_obs, agent, normalizer, 0.99, 1)
+    after = torch.randn(1)
+    torch.manual_seed(3)
+    torch.randn((1, 2, 3))  # the first actions' noise only: a horizon of 1 leaves no step for the shared sequence
+    assert steps == 2 and torch.equal(after, torch.randn(1))

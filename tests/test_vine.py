@@ -324,8 +324,11 @@ def test_a_non_finite_branch_observation_stops_training_and_a_one_step_horizon_d
     envs = [gym.make("Hopper-v5") for _ in range(2)]
     for env in envs:
         env.reset(seed=1)
-    with pytest.raises(trpo.NumericalFault, match="non-finite observation or reward in a branch rollout"):
-        trpo.vine_rollouts([NaNObservation(env) for env in envs], states, state_obs, agent, normalizer, 0.99, 5)
+    # One step: the observation is NaN, the reward is not (and no action is computed from the NaN).
+    with pytest.raises(
+        trpo.NumericalFault, match="^the environment returned a non-finite observation or reward in a branch rollout$"
+    ):
+        trpo.vine_rollouts([NaNObservation(env) for env in envs], states, state_obs, agent, normalizer, 0.99, 1)
     torch.manual_seed(3)
     _, steps = trpo.vine_rollouts(envs, states, state_obs, agent, normalizer, 0.99, 1)
     after = torch.randn(1)

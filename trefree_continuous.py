@@ -725,12 +725,17 @@ def log_iteration(
     """Write the iteration's statistics to TensorBoard and move the progress bar by the iteration's `steps`."""
     for tag, value in stats.items():
         writer.add_scalar(tag, value, global_step)
-    mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
-    progress.set_postfix(SPS=stats["charts/SPS"], ret=f"{mean_return:.1f}", refresh=False)
+    progress.set_postfix(SPS=stats["charts/SPS"], ret=f"{mean_return(recent_returns):.1f}", refresh=False)
     progress.update(steps)
 
 
+def mean_return(recent_returns: deque) -> float:
+    """The mean raw return of the last episodes (NaN before the first ends): the progress bar's and `train`'s summary."""
+    return float(np.mean(recent_returns)) if recent_returns else float("nan")
+
+
 def keeps_checkpoints(args: Args) -> bool:
+    """Whether the run writes checkpoints: with --save-model, or every --checkpoint-interval iterations."""
     return args.save_model or args.checkpoint_interval > 0
 
 
@@ -776,8 +781,7 @@ def finish(
     writer.close()
     if tracking is not None:
         tracking.finish()
-    mean_return = float(np.mean(recent_returns)) if recent_returns else float("nan")
-    return {"global_step": final["global_step"], "mean_return": mean_return, "stopped_by": stopped_by}
+    return {"global_step": final["global_step"], "mean_return": mean_return(recent_returns), "stopped_by": stopped_by}
 
 
 def check_args(args: Args) -> None:

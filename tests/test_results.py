@@ -1,11 +1,17 @@
 """What `utils.plot` computes from runs for the Results: ratio ranges, normalized scores and their IQM,
 hyper-parameter sweeps (`utils.benchmark --grid`), and the evaluation returns and episode lengths."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from utils import plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(env_id, exp_name, seed, final, ratios=((1000, 1.5, 0.8),)):
@@ -231,3 +237,54 @@ def test_a_run_and_its_exported_copy_count_once(tmp_path):
     assert len(both) == 1 and both[0].auc == pytest.approx(
         np.mean(plot.binned_curve(100.0 * np.arange(1, 501), 1.23456789 * np.arange(1, 501))[:, 1])
     )
+
+
+def test_comparison_intervals_are_reproducible_and_the_same_in_any_number_of_processes():
+    """rliable draws its resamples from numpy's global generator, whatever `random_state` it is handed: each interval
+    seeds it, so the tables are the same twice, after other draws from that generator, and over two processes."""
+    runs = [
+        _scored_run(env_id, name, seed, 100.0 * seed + (50.0 if name == "b" else 0.0) + 3.0 * seed**2 * (env_id == "B-v5"))
+        for env_id in ("A-v5", "B-v5")
+        for name in ("a", "b", "c")
+        for seed in range(1, 7)
+    ]
+    random = {"A-v5": 0.0, "B-v5": 10.0}
+    first, _ = plot.compare(runs, ("b", "a", "c"), random, reps=500)
+    np.random.seed(123)
+    np.random.rand(7)
+    again, _ = plot.compare(runs, ("b", "a", "c"), random, reps=500)
+    spread, _ = plot.compare(runs, ("b", "a", "c"), random, reps=500, workers=2)
+    assert first == again == spread
+    assert "| A-v5 | 400.0 [" in first  # not a degenerate interval: its bounds depend on the draws
+    low, high = (float(v) for v in first.split("| A-v5 | 400.0 [")[1].split("]")[0].split(", "))
+    assert low < 400.0 < high
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reference", "nope"], "error: no runs of --reference nope under results"),
+        (["--compare", "b", "nope", "--random", "random.csv"], "error: no runs of --compare nope under results"),
+        (["--choose", "delta"], "error: --choose needs --reference"),
+        (["--reference", "a"], "error: a has a mean final return <= 0 on some environment; it cannot normalize"),
+        (["--compare", "b", "a", "--random", "random.csv"], "error: --compare needs runs of b, a on a common environment"),
+        (["--x", "iterations"], "error: A-v5 a has no iteration steps (charts/SPS) to plot against"),
+        (["--out", "random.csv/curves.png"], "error: --out random.csv/curves.png: cannot write in"),
+        (["--workers", "0"], "error: --workers must be at least 1"),
+    ],
+)
+def test_plot_refuses_bad_input_before_writing_anything(tmp_path, flags, message):
+    """Every check, including those of the tables (the reference's normalization, the comparison's environments), comes
+    before the first figure is written."""
+    finals = {"A-v5": 100.0, "B-v5": -50.0}
+    runs = [_scored_run(env_id, name, seed, final) for env_id, final in finals.items() for name in "ab" for seed in (1, 2)]
+    plot.export_runs(runs, str(tmp_path / "results" / "runs.csv"))
+    (tmp_path / "random.csv").write_text("env_id,policy,episode,return\nA-v5,random,0,0\n")  # no B-v5
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    env = os.environ | {"PYTHONPATH": ROOT}
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.plot", "results", *flags], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written

@@ -25,6 +25,14 @@ with a 95 % stratified-bootstrap confidence interval (rliable; Agarwal et al., 2
 FLAG ...` reads the runs of a `utils.benchmark --grid` sweep (exp_name `<script>_<flag><value>`) and
 draws `<out>_sensitivity.png`: per environment (rows) and flag (columns), the final return against the
 flag's value on a log axis, each seed a dot and the mean a line.
+
+`--compare A B C --random random_returns.csv` compares A with B and with C on three metrics (final return,
+evaluation return, area under the binned learning curve): per environment, each algorithm's mean over seeds
+and the differences A - B and A - C with 95 % bootstrap intervals and verdicts; across environments, the
+IQM of scores normalized by B's mean and the random policy's return, and the probability that A improves
+on B and on C, with stratified-bootstrap intervals (rliable, `--reps` resamples, `--workers` processes).
+It draws `<out>_binned.png` (the binned learning curves with bootstrap bands) and `<out>_profiles.png`
+(rliable's performance profiles). Every table is computed before any file is written.
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ import fnmatch
 import glob
 import os
 import re
-import warnings
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,6 +81,8 @@ class Args:
     """a CSV of random-policy returns (`utils.evaluate --random-policy --csv`), for --compare's normalized scores"""
     reps: int = 50_000
     """bootstrap resamples of every confidence interval of --compare"""
+    workers: int = 1
+    """processes computing --compare's intervals (each draws from its own generator: the same numbers for any count)"""
 
 
 @dataclass
@@ -331,44 +341,108 @@ def read_random_returns(path: str) -> dict[str, float]:
 METRICS = {"final": "final return", "eval": "evaluation return", "auc": "sample efficiency (AUC)"}
 
 
-def compare(
-    runs: list[Run], names: tuple[str, ...], random: dict[str, float], reps: int = 50_000, seed: int = 0
-) -> tuple[str, dict]:
-    """The comparison of `names[0]` with each of `names[1:]`, per metric (METRICS): per environment, each algorithm's mean
-    over seeds with a 95 % bootstrap interval, and the differences of means with theirs and a verdict; across
-    environments, each algorithm's IQM of the scores normalized as (x - random) / (mean of `names[1]` - random), and
-    the probabilities of improvement, with 95 % stratified-bootstrap intervals. All by rliable's `get_interval_estimates`
-    (percentile, `reps` resamples, a RandomState(seed) per interval). Returns Markdown and the normalized final returns."""
-    from rliable import library as rly
+# The statistics of --compare's intervals, at module level so that worker processes can run them.
+def mean(x: np.ndarray) -> np.ndarray:
+    return np.array([x.mean()])
+
+
+def difference_of_means(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.array([x.mean() - y.mean()])
+
+
+def iqm(x: np.ndarray) -> np.ndarray:
     from rliable import metrics
 
-    # rliable hands `random_state` to arch, which warns that the argument will change; the intervals are unaffected.
-    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)
+    return np.array([metrics.aggregate_iqm(x)])
 
-    def interval(scores, func) -> tuple[float, float, float]:  # point estimate, low, high
-        point, ci = rly.get_interval_estimates({"x": scores}, func, reps=reps, random_state=np.random.RandomState(seed))
-        return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
 
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from rliable import metrics
+
+    return np.array([metrics.probability_of_improvement(x, y)])
+
+
+def interval(scores, statistic, reps: int, seed: int) -> tuple[float, float, float]:
+    """`statistic` of `scores` (a (runs, tasks) matrix, or a tuple of them) and its 95 % percentile interval over `reps`
+    stratified-bootstrap resamples: rliable's `get_interval_estimates`, with numpy's generator seeded with `seed`."""
+    from rliable import library as rly
+
+    # rliable draws the resamples' indices from numpy's global generator (np.random.choice); its `random_state` argument
+    # does not reach them. Seeding it here makes each interval the same in any order and in any process.
+    np.random.seed(seed)
+    point, ci = rly.get_interval_estimates({"x": scores}, statistic, reps=reps)
+    return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
+
+
+def intervals(jobs: dict, reps: int, seed: int, workers: int = 1) -> dict:
+    """key -> `interval(*jobs[key], reps, seed)`, computed in `workers` processes; each interval seeds its own draws, so
+    the numbers do not depend on `workers`."""
+    scores, statistics = zip(*jobs.values(), strict=True)
+    if workers == 1:
+        return dict(zip(jobs, map(interval, scores, statistics, [reps] * len(jobs), [seed] * len(jobs)), strict=True))
+    with ProcessPoolExecutor(workers) as pool:
+        return dict(zip(jobs, pool.map(interval, scores, statistics, [reps] * len(jobs), [seed] * len(jobs)), strict=True))
+
+
+def compared_env_ids(runs: list[Run], names: tuple[str, ...], random: dict[str, float]) -> list[str]:
+    """The environments on which every one of `names` has runs; refused if there are none or one lacks random returns."""
     groups = group(runs)
     env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
     if not env_ids or any(env_id not in random for env_id in env_ids):
         raise SystemExit(
             f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each"
         )
-    candidate, reference = names[0], names[1]
+    return env_ids
+
+
+def compare(
+    runs: list[Run], names: tuple[str, ...], random: dict[str, float], reps: int = 50_000, seed: int = 0, workers: int = 1
+) -> tuple[str, dict]:
+    """The comparison of `names[0]` with each of `names[1:]`, per metric (METRICS): per environment, each algorithm's mean
+    over seeds with a 95 % bootstrap interval, and the differences of means with theirs and a verdict; across
+    environments, each algorithm's IQM of the scores normalized as (x - random) / (mean of `names[1]` - random), and
+    the probabilities of improvement, with 95 % stratified-bootstrap intervals. All by rliable's `get_interval_estimates`
+    (`interval`: percentile, `reps` resamples, numpy seeded with `seed` per interval; in `workers` processes). Returns
+    Markdown and the normalized final returns."""
+    groups = group(runs)
+    env_ids = compared_env_ids(runs, names, random)
+    candidate, reference, baselines = names[0], names[1], names[1:]
+
+    # The data of each metric: per environment the seeds' values, and across environments (runs, environments) matrices
+    # of raw and normalized scores over the seeds that every environment has.
+    values, raw, normalized = {}, {}, {}
+    for metric in METRICS:
+        by_env = {
+            e: {n: np.array([getattr(r, metric) for r in sorted(groups[e][n], key=lambda r: r.seed)]) for n in names}
+            for e in env_ids
+        }
+        if any(np.isnan(v).any() for by_name in by_env.values() for v in by_name.values()):
+            continue  # e.g. runs without --save-model have no evaluation return
+        runs_per_env = min(len(v) for by_name in by_env.values() for v in by_name.values())
+        values[metric] = by_env
+        raw[metric] = {n: np.stack([by_env[e][n][:runs_per_env] for e in env_ids], 1) for n in names}
+        scale = np.array([by_env[e][reference].mean() - random[e] for e in env_ids])
+        normalized[metric] = {n: (raw[metric][n] - np.array([random[e] for e in env_ids])) / scale for n in names}
+
+    jobs = {}
+    for metric, by_env in values.items():
+        for e in env_ids:
+            jobs |= {(metric, e, n): (by_env[e][n][:, None], mean) for n in names}
+            jobs |= {
+                (metric, e, "-", b): ((by_env[e][candidate][:, None], by_env[e][b][:, None]), difference_of_means)
+                for b in baselines
+            }
+        jobs |= {(metric, "IQM", n): (normalized[metric][n], iqm) for n in names}
+        jobs |= {(metric, "P", b): ((raw[metric][candidate], raw[metric][b]), probability_of_improvement) for b in baselines}
+    estimates = intervals(jobs, reps, seed, workers)
 
     def fmt(x: float) -> str:
         return f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3f}"
 
-    lines, normalized_final = [], {}
-    for metric, title in METRICS.items():
-        values = {
-            e: {n: np.array([getattr(r, metric) for r in sorted(groups[e][n], key=lambda r: r.seed)]) for n in names}
-            for e in env_ids
-        }
-        if any(np.isnan(v).any() for by_name in values.values() for v in by_name.values()):
-            continue  # e.g. runs without --save-model have no evaluation return
-        diffs = [f"{candidate} − {b}" for b in names[1:]]
+    lines = []
+    for metric in values:
+        title = METRICS[metric]
+        diffs = [f"{candidate} − {b}" for b in baselines]
         lines += [
             f"**{title}**, per environment: mean over seeds [95 % CI]; differences [95 % CI] and verdict",
             "",
@@ -376,45 +450,34 @@ def compare(
             "|---|" + "---:|" * len(names) + "---:|---|" * len(diffs),
         ]
         for e in env_ids:
-            cells = [
-                " ".join([fmt(m), f"[{fmt(lo)}, {fmt(hi)}]"])
-                for m, lo, hi in (interval(values[e][n][:, None], lambda x: np.array([x.mean()])) for n in names)
-            ]
-            for b in names[1:]:
-                d, lo, hi = interval(
-                    (values[e][candidate][:, None], values[e][b][:, None]), lambda x, y: np.array([x.mean() - y.mean()])
-                )
+            cells = [f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" for m, lo, hi in (estimates[metric, e, n] for n in names)]
+            for b in baselines:
+                d, lo, hi = estimates[metric, e, "-", b]
                 cells += [
                     f"{d:+,.1f} [{lo:+,.1f}, {hi:+,.1f}]",
                     "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference",
                 ]
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
-        # Across environments: (runs, environments) matrices over the seeds that every environment has.
-        runs_per_env = min(len(v) for by_name in values.values() for v in by_name.values())
-        raw = {n: np.stack([values[e][n][:runs_per_env] for e in env_ids], 1) for n in names}
-        scale = np.array([values[e][reference].mean() - random[e] for e in env_ids])
-        normalized = {n: (raw[n] - np.array([random[e] for e in env_ids])) / scale for n in names}
-        normalized_final = normalized_final or normalized
-        iqm = {n: interval(normalized[n], lambda x: np.array([metrics.aggregate_iqm(x)])) for n in names}
         lines += [
             "",
-            f"**{title}** across the {len(env_ids)} environments ({runs_per_env} runs each), normalized by {reference}:",
+            f"**{title}** across the {len(env_ids)} environments ({len(raw[metric][candidate])} runs each), "
+            f"normalized by {reference}:",
             "",
             "| algorithm | IQM [95 % CI] | P(" + candidate + " > algorithm) [95 % CI] | verdict |",
             "|---|---:|---:|---|",
         ]
         for n in names:
-            m, lo, hi = iqm[n]
+            m, lo, hi = estimates[metric, "IQM", n]
             if n == candidate:
                 lines.append(f"| {n} | {m:.3f} [{lo:.3f}, {hi:.3f}] | | |")
                 continue
-            p, plo, phi = interval((raw[candidate], raw[n]), lambda x, y: np.array([metrics.probability_of_improvement(x, y)]))
+            p, plo, phi = estimates[metric, "P", n]
             verdict = "beats" if plo > 0.5 else "loses" if phi < 0.5 else "ties (no detectable difference)"
-            if verdict == "beats" and iqm[candidate][1] > hi:
+            if verdict == "beats" and estimates[metric, "IQM", candidate][1] > hi:
                 verdict += ", by a large margin (IQM intervals apart)"
             lines.append(f"| {n} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {p:.3f} [{plo:.3f}, {phi:.3f}] | {candidate} {verdict} |")
         lines.append("")
-    return "\n".join(lines), normalized_final
+    return "\n".join(lines), normalized.get("final", {})
 
 
 def plot_comparison(
@@ -450,9 +513,8 @@ def plot_comparison(
             bins = min(len(run.binned) for run in seeds)
             # (runs, 1 task, bins): a run's curve moves whole
             curves = np.stack([run.binned[:bins, 1] for run in seeds])[:, None, :]
-            mean, ci = rly.get_interval_estimates(
-                {name: curves}, lambda x: x.mean(axis=0)[0], reps=reps, random_state=np.random.RandomState(seed)
-            )
+            np.random.seed(seed)  # rliable's resamples come from numpy's global generator (see `interval`)
+            mean, ci = rly.get_interval_estimates({name: curves}, lambda x: x.mean(axis=0)[0], reps=reps)
             steps = seeds[0].binned[:bins, 0]
             ax.plot(steps, mean[name], color=colors[name], label=f"{name} ({len(seeds)} seeds)")
             ax.fill_between(steps, ci[name][0], ci[name][1], color=colors[name], alpha=0.2)
@@ -548,7 +610,8 @@ def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
 
 def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
     """Write the learning-curve and ratio-range figures; returns their paths. `x="iterations"`: the learning
-    curves against iterations (each run's steps mapped to its iterations) instead of environment steps."""
+    curves against iterations (each run's steps mapped to its iterations; every run needs them) instead of environment
+    steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,8 +630,6 @@ def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
         extra.set_visible(False)
     for ax, ratio_ax, (env_id, algos) in zip(curve_axes.flat, ratio_axes.flat, sorted(groups.items()), strict=False):
         for exp_name, seeds in sorted(algos.items()):
-            if x == "iterations" and any(not len(run.iterations) for run in seeds):
-                raise SystemExit(f"error: {env_id} {exp_name} has no iteration steps (charts/SPS) to plot against iterations")
             xs = [
                 np.interp(run.curve[:, 0], run.iterations[:, 0], run.iterations[:, 1])
                 if x == "iterations"
@@ -626,6 +687,17 @@ def same_data(a: Run, b: Run) -> bool:
     return [[str(x) for x in row] for row in csv_rows(a)] == [[str(x) for x in row] for row in csv_rows(b)]
 
 
+def check_writable(flag: str, path: str | None) -> None:
+    """Refuse an output path whose folder could not be made or written in (None: no output)."""
+    if path is None:
+        return
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise SystemExit(f"error: {flag} {path}: cannot write in {existing}")
+
+
 def main(args: Args) -> None:
     runs = select_runs(args.folders, args.exp_names, args.env_ids)
     patterns = args.exp_names + args.env_ids
@@ -636,38 +708,46 @@ def main(args: Args) -> None:
         raise SystemExit(
             "error: --compare takes two or more exp_names (the first is compared with the others) and needs --random"
         )
-    missing = [name for name in args.compare if name not in {run.exp_name for run in runs}]
-    if missing:
-        raise SystemExit(f"error: no runs of --compare {' '.join(missing)} under {where}")
-    random = read_random_returns(args.random) if args.compare else {}
-    for path in plot(runs, args.out, args.x):
-        print(f"wrote {path}")
-    if args.sensitivity:
-        print(f"wrote {plot_sensitivity(runs, args.sensitivity, args.out)}")
-    if args.export:
-        export_runs(runs, args.export)
-        print(f"wrote {args.export}")
-    print(final_returns_table(runs))
-    if args.ratios:
-        print("\n" + ratio_table(runs))
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    exp_names = {run.exp_name for run in runs}
+    for flag, names in (("--compare", args.compare), ("--reference", [args.reference] if args.reference else [])):
+        if missing := [name for name in names if name not in exp_names]:
+            raise SystemExit(f"error: no runs of {flag} {' '.join(missing)} under {where}")
+    if args.choose and not args.reference:
+        raise SystemExit("error: --choose needs --reference")
+    for flag, path in (("--out", args.out), ("--export", args.export)):
+        check_writable(flag, path)
+    if args.x == "iterations" and (without := next((run for run in runs if not len(run.iterations)), None)):
+        raise SystemExit(f"error: {without.env_id} {without.exp_name} has no iteration steps (charts/SPS) to plot against")
+
+    # Every table before any file: whatever refuses the input refuses it with nothing written.
+    tables = [final_returns_table(runs)] + ([ratio_table(runs)] if args.ratios else [])
     if args.reference:
-        if args.reference not in {run.exp_name for run in runs}:
-            raise SystemExit(f"error: no runs of --reference {args.reference} under {where}")
-        print("\n" + aggregate_table(runs, args.reference))
+        tables.append(aggregate_table(runs, args.reference))
         for flag in args.choose:
             best, means = choose(runs, args.reference, flag)
             others = ", ".join(
                 f"{grid_value(name, flag)[1]:g}: {score:.3f}"
                 for name, score in sorted(means.items(), key=lambda m: grid_value(m[0], flag)[1])
             )
-            print(f"\nchosen {flag}={grid_value(best, flag)[1]:g} ({best}), the highest mean normalized score ({others})")
-    elif args.choose:
-        raise SystemExit("error: --choose needs --reference")
+            value = grid_value(best, flag)[1]
+            tables.append(f"chosen {flag}={value:g} ({best}), the highest mean normalized score ({others})")
     if args.compare:
-        tables, normalized_final = compare(runs, args.compare, random, args.reps)
-        print("\n" + tables)
-        for path in plot_comparison(runs, args.compare, normalized_final, args.out, args.reps):
-            print(f"wrote {path}")
+        random = read_random_returns(args.random)
+        comparison, normalized_final = compare(runs, args.compare, random, args.reps, workers=args.workers)
+        tables.append(comparison)
+
+    written = list(plot(runs, args.out, args.x))
+    if args.sensitivity:
+        written.append(plot_sensitivity(runs, args.sensitivity, args.out))
+    if args.export:
+        export_runs(runs, args.export)
+        written.append(args.export)
+    if args.compare:
+        written += plot_comparison(runs, args.compare, normalized_final, args.out, args.reps)
+    print("\n".join(f"wrote {path}" for path in written))
+    print("\n\n".join(tables))
 
 
 if __name__ == "__main__":

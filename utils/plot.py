@@ -527,6 +527,7 @@ def plot_comparison(
     taus = np.linspace(
         min(0.0, min(v.min() for v in normalized_final.values())), max(v.max() for v in normalized_final.values()), 101
     )
+    np.random.seed(seed)  # the profiles' bands: rliable's bootstrap again (2,000 resamples, its default)
     profiles, profile_cis = rly.create_performance_profile(normalized_final, taus)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_utils.plot_performance_profiles(

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import functools
 import glob
 import os
 import re
@@ -378,10 +379,11 @@ def intervals(jobs: dict, reps: int, seed: int, workers: int = 1) -> dict:
     """key -> `interval(*jobs[key], reps, seed)`, computed in `workers` processes; each interval seeds its own draws, so
     the numbers do not depend on `workers`."""
     scores, statistics = zip(*jobs.values(), strict=True)
+    estimate = functools.partial(interval, reps=reps, seed=seed)
     if workers == 1:
-        return dict(zip(jobs, map(interval, scores, statistics, [reps] * len(jobs), [seed] * len(jobs)), strict=True))
+        return dict(zip(jobs, map(estimate, scores, statistics), strict=True))
     with ProcessPoolExecutor(workers) as pool:
-        return dict(zip(jobs, pool.map(interval, scores, statistics, [reps] * len(jobs), [seed] * len(jobs)), strict=True))
+        return dict(zip(jobs, pool.map(estimate, scores, statistics), strict=True))
 
 
 def compared_env_ids(runs: list[Run], names: tuple[str, ...], random: dict[str, float]) -> list[str]:

@@ -187,6 +187,11 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         (["utils.speed", "--scripts", "sac_continuous"], "error: no training script 'sac_continuous'"),
         (["utils.evaluate", "--episodes", "0", "x.pt"], "error: --episodes must be at least 1"),
         (["utils.evaluate", "--random-policy"], "error: --random-policy needs --env-id"),
+        (
+            ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "nope/random.csv"],
+            "error: --csv nope/random.csv: cannot write in ",
+        ),
+        (["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "."], "error: --csv . is not a file"),
     ],
 )
 def test_utils_commands_refuse_bad_input_with_one_line_and_exit_code_2(tmp_path, argv, message):
@@ -195,6 +200,28 @@ def test_utils_commands_refuse_bad_input_with_one_line_and_exit_code_2(tmp_path,
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == result.stderr.strip().splitlines()[0] and result.stderr.startswith(message), result.stderr
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_evaluate_refuses_to_append_to_a_csv_of_other_columns_before_the_episodes(tmp_path):
+    (tmp_path / "runs.csv").write_text("env_id,exp_name,seed,kind,step,value,value2\n")
+    env = os.environ | {"PYTHONPATH": ROOT}
+    argv = ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "runs.csv"]
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(
+        "error: --csv runs.csv has the columns env_id,exp_name,seed,kind,step,value,value2, not env_id,policy,episode,return"
+    )
+    assert (tmp_path / "runs.csv").read_text() == "env_id,exp_name,seed,kind,step,value,value2\n"
+    # an empty file takes the header and the returns
+    (tmp_path / "empty.csv").write_text("")
+    argv = ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "empty.csv", "--episodes", "2"]
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "empty.csv").read_text().splitlines()
+    assert lines[0] == "env_id,policy,episode,return" and [line.split(",")[:3] for line in lines[1:]] == [
+        ["Hopper-v5", "random", "0"],
+        ["Hopper-v5", "random", "1"],
+    ]
 
 
 def test_plot_names_a_corrupt_event_file_instead_of_skipping_it(tmp_path):

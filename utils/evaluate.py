@@ -146,6 +146,24 @@ def random_policy_returns(env_id: str, episodes: int = 10, seed: int = 0) -> lis
     return returns
 
 
+CSV_COLUMNS = ["env_id", "policy", "episode", "return"]
+
+
+def check_csv(path: str) -> None:
+    """Refuse a `--csv` that the returns could not be appended to after the episodes: a folder that is not there or
+    cannot be written in, or a file with other columns."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--csv {path}: cannot write in {folder}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"--csv {path} is not a file")
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_COLUMNS:
+            raise ValueError(f"--csv {path} has the columns {','.join(header)}, not {','.join(CSV_COLUMNS)}")
+
+
 def main(args: Args) -> None:
     if args.episodes < 1:
         raise ValueError("--episodes must be at least 1")
@@ -153,16 +171,18 @@ def main(args: Args) -> None:
         raise ValueError("give a checkpoint, or --random-policy with --env-id, not both")
     if args.random_policy and args.env_id is None:
         raise ValueError("--random-policy needs --env-id")
+    if args.csv:
+        check_csv(args.csv)
     if args.random_policy:
         returns = random_policy_returns(args.env_id, args.episodes, args.seed)
     else:
         returns = evaluate(args.checkpoint, args.episodes, args.env_id, args.capture_video, args.stochastic, args.seed)
     if args.csv:
-        new = not os.path.exists(args.csv)
+        new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
         with open(args.csv, "a", newline="") as f:
             rows = csv.writer(f)
             if new:
-                rows.writerow(["env_id", "policy", "episode", "return"])
+                rows.writerow(CSV_COLUMNS)
             policy = "random" if args.random_policy else args.checkpoint
             rows.writerows(
                 [args.env_id or load_checkpoint(args.checkpoint)["args"]["env_id"], policy, i, f"{r:.6g}"]

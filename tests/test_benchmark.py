@@ -182,6 +182,7 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         (["utils.plot", "."], "error: no runs with episodic returns under ."),
         (["utils.benchmark", "--workers", "0", "--out-dir", "sweep"], "error: --workers must be at least 1"),
         (["utils.benchmark", "--total-timesteps", "0", "--out-dir", "sweep"], "error: --total-timesteps must be at least 1"),
+        (["utils.benchmark", "--out-dir", "/proc/sweep", "--seeds", "1"], "error: cannot make --out-dir /proc/sweep: "),
         (["utils.speed", "--env-id", "Nope-v0"], "error: cannot make environment 'Nope-v0'"),
         (["utils.speed", "--steps", "0"], "error: --steps must be at least 1"),
         (["utils.speed", "--scripts", "sac_continuous"], "error: no training script 'sac_continuous'"),

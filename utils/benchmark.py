@@ -284,8 +284,11 @@ def main(args: Args, extra: list[str]) -> int:
         for name, command in commands.items():
             print(f"{name}: (cd {out_dir} && {' '.join(command)})")
         return 0
-    for sub in ("runs", "logs", "done"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    try:
+        for sub in ("runs", "logs", "done"):
+            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot make --out-dir {args.out_dir}: {e.strerror}") from None
     if args.launcher == "local":
         failures = run_local(commands, out_dir, args.workers)
     else:

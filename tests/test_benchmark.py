@@ -186,6 +186,18 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         (["utils.speed", "--env-id", "Nope-v0"], "error: cannot make environment 'Nope-v0'"),
         (["utils.speed", "--steps", "0"], "error: --steps must be at least 1"),
         (["utils.speed", "--scripts", "sac_continuous"], "error: no training script 'sac_continuous'"),
+        (
+            ["utils.speed", "--env-id", "Hopper-v5", "--steps", "4096", "--scripts", "ppo_continuous --bogus"],
+            "error: ppo_continuous --bogus stopped with exit code 2: Unrecognized options: --bogus",
+        ),
+        (
+            ["utils.speed", "--env-id", "Hopper-v5", "--steps", "100", "--scripts", "trpo_continuous"],
+            "error: trpo_continuous stopped with exit code 2: --total-timesteps 100 is smaller than one batch (1024 steps)",
+        ),
+        (
+            ["utils.speed", "--env-id", "Hopper-v5", "--steps", "1024", "--scripts", "trpo_continuous --no-compile"],
+            "error: trpo_continuous --no-compile ran one iteration in --steps 1024; the steady speed needs two or more",
+        ),
         (["utils.evaluate", "--episodes", "0", "x.pt"], "error: --episodes must be at least 1"),
         (["utils.evaluate", "--random-policy"], "error: --random-policy needs --env-id"),
         (

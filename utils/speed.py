@@ -64,8 +64,12 @@ def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--env-id", env_id, "--total-timesteps", str(steps), *flags]
         env = os.environ | {"OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, cwd=folder, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = subprocess.run(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"error: {script} stopped with exit code {result.returncode}: {reason(result.stderr)}")
         scalars = read_scalars(glob.glob(os.path.join(folder, "runs", "*"))[0])
+    if len(scalars["charts/SPS"]) < 2:
+        raise SystemExit(f"error: {script} ran one iteration in --steps {steps}; the steady speed needs two or more")
     (first_step, first_sps), (last_step, last_sps) = scalars["charts/SPS"][0], scalars["charts/SPS"][-1]
     updates = [v for _, v in scalars["perf/update_time"]]
     return {
@@ -74,6 +78,15 @@ def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
         "update_time": float(np.median(updates)),
         "compile_time": updates[0] - float(np.median(updates)),
     }
+
+
+def reason(stderr: str) -> str:
+    """The line of a script's stderr that says why it stopped: its `error:` line, else the first line of tyro's framed
+    message that names the problem."""
+    lines = [line.strip("│╭╮╰╯─ ") for line in stderr.splitlines()]
+    lines = [line for line in lines if line]
+    error = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
+    return error or next((line for line in lines if ":" in line), lines[0] if lines else "no message")
 
 
 def main(args: Args) -> None:

@@ -275,6 +275,7 @@ def test_comparison_intervals_are_reproducible_and_the_same_in_any_number_of_pro
         (["--compare", "b", "a", "--random", "random.csv"], "error: --compare needs runs of b, a on a common environment"),
         (["--x", "iterations"], "error: A-v5 a has no iteration steps (charts/SPS) to plot against"),
         (["--out", "random.csv/curves.png"], "error: --out random.csv/curves.png: cannot write in"),
+        (["--export", "results"], "error: --export results is a folder, not a file"),
         (["--workers", "0"], "error: --workers must be at least 1"),
     ],
 )

@@ -691,9 +691,11 @@ def same_data(a: Run, b: Run) -> bool:
 
 
 def check_writable(flag: str, path: str | None) -> None:
-    """Refuse an output path whose folder could not be made or written in (None: no output)."""
+    """Refuse an output path that is a folder, or whose folder could not be made or written in (None: no output)."""
     if path is None:
         return
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a folder, not a file")
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -83,7 +83,7 @@ class Args:
     reps: int = 50_000
     """bootstrap resamples of every confidence interval of --compare"""
     workers: int = 1
-    """processes computing --compare's intervals (each draws from its own generator: the same numbers for any count)"""
+    """processes computing --compare's intervals (each interval seeds its own draws: the same numbers for any count)"""
 
 
 @dataclass

@@ -386,15 +386,9 @@ def intervals(jobs: dict, reps: int, seed: int, workers: int = 1) -> dict:
         return dict(zip(jobs, pool.map(estimate, scores, statistics), strict=True))
 
 
-def compared_env_ids(runs: list[Run], names: tuple[str, ...], random: dict[str, float]) -> list[str]:
-    """The environments on which every one of `names` has runs; refused if there are none or one lacks random returns."""
-    groups = group(runs)
-    env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
-    if not env_ids or any(env_id not in random for env_id in env_ids):
-        raise SystemExit(
-            f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each"
-        )
-    return env_ids
+def common_env_ids(runs: list[Run], names: tuple[str, ...]) -> list[str]:
+    """The environments on which every one of `names` has runs, sorted."""
+    return sorted(env_id for env_id, algos in group(runs).items() if all(name in algos for name in names))
 
 
 def compare(
@@ -407,7 +401,11 @@ def compare(
     (`interval`: percentile, `reps` resamples, numpy seeded with `seed` per interval; in `workers` processes). Returns
     Markdown and the normalized final returns."""
     groups = group(runs)
-    env_ids = compared_env_ids(runs, names, random)
+    env_ids = common_env_ids(runs, names)
+    if not env_ids or any(env_id not in random for env_id in env_ids):
+        raise SystemExit(
+            f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each"
+        )
     candidate, reference, baselines = names[0], names[1], names[1:]
 
     # The data of each metric: per environment the seeds' values, and across environments (runs, environments) matrices
@@ -501,7 +499,7 @@ def plot_comparison(
     from rliable import plot_utils
 
     groups = group(runs)
-    env_ids = sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
+    env_ids = common_env_ids(runs, names)
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     ncols = min(len(env_ids), 3)
     fig, axes = plt.subplots(

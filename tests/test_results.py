@@ -254,11 +254,11 @@ def test_comparison_intervals_are_reproducible_and_the_same_in_any_number_of_pro
         for seed in range(1, 7)
     ]
     random = {"A-v5": 0.0, "B-v5": 10.0}
-    first, _ = plot.compare(runs, ("b", "a", "c"), random, reps=500)
+    first, _ = plot.compare(runs, ("b", "a", "c"), random, reps=200)
     np.random.seed(123)
     np.random.rand(7)
-    again, _ = plot.compare(runs, ("b", "a", "c"), random, reps=500)
-    spread, _ = plot.compare(runs, ("b", "a", "c"), random, reps=500, workers=2)
+    again, _ = plot.compare(runs, ("b", "a", "c"), random, reps=200)
+    spread, _ = plot.compare(runs, ("b", "a", "c"), random, reps=200, workers=2)
     assert first == again == spread
     assert "| A-v5 | 400.0 [" in first  # not a degenerate interval: its bounds depend on the draws
     low, high = (float(v) for v in first.split("| A-v5 | 400.0 [")[1].split("]")[0].split(", "))

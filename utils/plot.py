@@ -386,9 +386,9 @@ def intervals(jobs: dict, reps: int, seed: int, workers: int = 1) -> dict:
         return dict(zip(jobs, pool.map(estimate, scores, statistics), strict=True))
 
 
-def common_env_ids(runs: list[Run], names: tuple[str, ...]) -> list[str]:
-    """The environments on which every one of `names` has runs, sorted."""
-    return sorted(env_id for env_id, algos in group(runs).items() if all(name in algos for name in names))
+def common_env_ids(groups: dict[str, dict[str, list[Run]]], names: tuple[str, ...]) -> list[str]:
+    """The environments of `group`'s result on which every one of `names` has runs, sorted."""
+    return sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
 
 
 def compare(
@@ -401,7 +401,7 @@ def compare(
     (`interval`: percentile, `reps` resamples, numpy seeded with `seed` per interval; in `workers` processes). Returns
     Markdown and the normalized final returns."""
     groups = group(runs)
-    env_ids = common_env_ids(runs, names)
+    env_ids = common_env_ids(groups, names)
     if not env_ids or any(env_id not in random for env_id in env_ids):
         raise SystemExit(
             f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each"
@@ -499,7 +499,7 @@ def plot_comparison(
     from rliable import plot_utils
 
     groups = group(runs)
-    env_ids = common_env_ids(runs, names)
+    env_ids = common_env_ids(groups, names)
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     ncols = min(len(env_ids), 3)
     fig, axes = plt.subplots(

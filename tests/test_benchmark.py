@@ -57,14 +57,48 @@ def test_local_sweep_runs_skips_finished_jobs_and_resumes_interrupted_ones(tmp_p
     assert len(os.listdir(sweep / "runs")) == 4  # resumed in its own run directory, not started again
 
 
-def test_a_failed_job_is_reported_and_the_others_finish(tmp_path, capsys):
-    # --delta exists only in trefree_continuous.py: the PPO jobs fail, the TREFree job finishes
-    args = _args(tmp_path, algos=("ppo", "trefree"), seeds=(1,))
-    assert benchmark.main(args, [*TINY, "--delta", "0.02"]) == 1
+def test_a_failed_job_is_reported_and_the_others_finish(tmp_path, capsys, monkeypatch):
+    # the NaNAfter job passes every check and fails in the middle of its run (exit code 3: a numerical fault)
+    monkeypatch.setenv("PYTHONPATH", os.path.join(ROOT, "tests"))  # the job's process imports `helpers`
+    args = _args(tmp_path, algos=("ppo",), env_ids=("InvertedPendulum-v5", "helpers:tests/NaNAfter-v0"), seeds=(1,))
+    assert benchmark.main(args, TINY) == 1
     err = capsys.readouterr().err
-    assert "InvertedPendulum-v5__ppo_continuous__1 failed (exit code 2): " in err and "--delta 0.02" in err
-    assert "Unrecognized options: --delta" in err  # the end of the job's log
-    assert os.listdir(tmp_path / "sweep" / "done") == ["InvertedPendulum-v5__trefree_continuous__1"]
+    assert "helpers:tests-NaNAfter-v0__ppo_continuous__1 failed (exit code 3): " in err and "--env-id helpers:" in err
+    assert "the environment returned a non-finite observation" in err  # the end of the job's log
+    assert os.listdir(tmp_path / "sweep" / "done") == ["InvertedPendulum-v5__ppo_continuous__1"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, extra, message",
+    [  # --delta exists only in trefree_continuous.py
+        (
+            dict(algos=("trefree", "ppo")),
+            [*TINY, "--delta", "0.02"],
+            "InvertedPendulum-v5__ppo_continuous__1: Unrecognized options: --delta",
+        ),
+        (
+            dict(grid=("ppo:clip-coef=0.2,-1",)),
+            TINY,
+            "__ppo_continuous_clip-coef-1__1: --clip-coef and --vf-clip-coef must be",
+        ),
+        (
+            dict(algos=("trpo",)),
+            ["--num-steps", "4096"],
+            "__trpo_continuous__1: --total-timesteps 1024 is smaller than one batch",
+        ),
+        (
+            dict(env_ids=("InvertedPendulum-v5", "Hoper-v5")),
+            TINY,
+            "error: Hoper-v5__trefree_continuous__1: unknown environment id",
+        ),
+        (dict(), ["--help"], "error: --help after -- would end every job with the script's help"),
+    ],
+)
+def test_arguments_a_script_would_refuse_stop_the_sweep_before_any_job_starts(tmp_path, kwargs, extra, message):
+    for dry_run in (True, False):
+        with pytest.raises(SystemExit, match=message.replace("[", "\\[")):
+            benchmark.main(_args(tmp_path, seeds=(1,), dry_run=dry_run, **kwargs), extra)
+        assert not (tmp_path / "sweep").exists()
 
 
 def test_submitit_local_executor_runs_the_jobs(tmp_path, monkeypatch):
@@ -165,7 +199,7 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         grid=("trefree:delta=0.1,0.3", "ppo:clip-coef=0.3"),
         dry_run=True,
     )
-    assert benchmark.main(args, []) == 0
+    assert benchmark.main(args, TINY) == 0
     names = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert names == [
         "InvertedPendulum-v5__trefree_continuous_delta0.1__1",
@@ -183,6 +217,10 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         (["utils.benchmark", "--workers", "0", "--out-dir", "sweep"], "error: --workers must be at least 1"),
         (["utils.benchmark", "--total-timesteps", "0", "--out-dir", "sweep"], "error: --total-timesteps must be at least 1"),
         (["utils.benchmark", "--out-dir", "/proc/sweep", "--seeds", "1"], "error: cannot make --out-dir /proc/sweep: "),
+        (
+            ["utils.benchmark", "--algos", "ppo", "--seeds", "1", "--out-dir", "sweep", "--", "--bogus"],
+            "error: HalfCheetah-v5__ppo_continuous__1: Unrecognized options: --bogus",
+        ),
         (["utils.speed", "--env-id", "Nope-v0"], "error: cannot make environment 'Nope-v0'"),
         (["utils.speed", "--steps", "0"], "error: --steps must be at least 1"),
         (["utils.speed", "--scripts", "sac_continuous"], "error: no training script 'sac_continuous'"),
@@ -256,6 +294,6 @@ def test_track_reaches_every_job_with_its_project_and_entity(tmp_path, capsys):
     args = _args(
         tmp_path, algos=("ppo", "trpo"), seeds=(1,), track=True, wandb_project_name="proj", wandb_entity="team", dry_run=True
     )
-    assert benchmark.main(args, []) == 0
+    assert benchmark.main(args, TINY) == 0
     commands = capsys.readouterr().out.splitlines()[1:]
     assert len(commands) == 2 and all("--track --wandb-project-name proj --wandb-entity team" in line for line in commands)

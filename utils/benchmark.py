@@ -13,15 +13,20 @@ name followed by `_<flag><value>` per flag (`trefree_continuous_delta0.1`), then
 
 The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`, or a run already in a CSV
 file of `--skip-runs-in`, as `utils.plot --export` writes them) is skipped, and a job that was
-interrupted continues from its checkpoint with `--resume`. A failed job is reported with its
+interrupted continues from its checkpoint with `--resume`. Each script's own parsing and checks run on its jobs'
+arguments before any job starts, so that a typo or a refused value stops the sweep at once, with one error line.
+A job that fails during its run is reported with its
 command and the end of its log and does not stop the others. When the jobs are done, `utils.plot`
 draws the sweep's figures into `<out-dir>/` and prints the table of final returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import importlib
+import io
 import itertools
 import os
 import re
@@ -34,7 +39,7 @@ from typing import Literal
 
 import tyro
 
-from utils.logs import one_line_errors
+from utils.logs import one_line_errors, reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,6 +198,25 @@ def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[st
     ]
 
 
+def check_jobs(jobs: list[Job], commands: dict[str, list[str]], out_dir: str) -> None:
+    """Refuse the sweep before any job starts if a script would refuse a job's arguments (a typo after `--` or in
+    --grid, a value out of range, an unknown environment): each script's own parsing and checks, run here on each job's
+    command line as its `__main__` and `train` would, before they write anything. One error line names the first job."""
+    for job in jobs:
+        module = importlib.import_module(job.script)  # no side effects on import
+        argv = getattr(module, "old_spellings", list)(commands[job.name][2:])  # the spellings its `__main__` takes
+        messages = io.StringIO()  # tyro's framed message, the notes of a resumed run
+        # in the job's folder: a resumed job names its checkpoint relative to it
+        folder = contextlib.chdir(out_dir) if os.path.isdir(out_dir) else contextlib.nullcontext()
+        with folder, contextlib.redirect_stderr(messages):
+            try:
+                module.check_run(module.start_run(tyro.cli(module.Args, args=argv))[0])
+            except SystemExit:  # tyro's refusal
+                raise SystemExit(f"error: {job.name}: {reason(messages.getvalue())}") from None
+            except module.ArgsError as e:
+                raise SystemExit(f"error: {job.name}: {e}") from None
+
+
 def run_job(command: list[str], out_dir: str, name: str) -> None:
     """Run one job to completion in `out_dir`, its output in `logs/<name>.log`; mark it done, or raise
     RuntimeError with its command and the end of its log. Called locally, or on a SLURM node by submitit."""
@@ -268,6 +292,8 @@ def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict
 def main(args: Args, extra: list[str]) -> int:
     if "--exp-name" in extra or "--resume" in extra:
         raise SystemExit("error: --exp-name and --resume are set by the runner, not after --")
+    if "-h" in extra or "--help" in extra:
+        raise SystemExit("error: --help after -- would end every job with the script's help; run the script with --help")
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
     if args.total_timesteps is not None and args.total_timesteps < 1:
@@ -279,6 +305,7 @@ def main(args: Args, extra: list[str]) -> int:
     in_csv = runs_in_csv(args.skip_runs_in)
     todo = [job for job in jobs if not is_done(job, out_dir) and job.name not in in_csv]
     commands = {job.name: job_command(job, args, extra, out_dir) for job in todo}
+    check_jobs(todo, commands, out_dir)
     print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run ({args.launcher})")
     if args.dry_run:
         for name, command in commands.items():

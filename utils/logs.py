@@ -1,4 +1,4 @@
-"""Reading the TensorBoard logs that the training scripts write."""
+"""Reading what the training scripts write: their TensorBoard logs and their error messages."""
 
 from __future__ import annotations
 
@@ -38,3 +38,12 @@ def one_line_errors():
             print(e.code, file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def reason(stderr: str) -> str:
+    """The line of a script's stderr that says why it stopped: its `error:` line, else the first line of tyro's framed
+    message that names the problem."""
+    lines = [line.strip("│╭╮╰╯─ ") for line in stderr.splitlines()]
+    lines = [line for line in lines if line]
+    error = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
+    return error or next((line for line in lines if ":" in line), lines[0] if lines else "no message")

@@ -27,7 +27,7 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-from utils.logs import one_line_errors, read_scalars
+from utils.logs import one_line_errors, read_scalars, reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("ppo_continuous", "trefree_continuous", "trpo_continuous")
@@ -78,15 +78,6 @@ def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
         "update_time": float(np.median(updates)),
         "compile_time": updates[0] - float(np.median(updates)),
     }
-
-
-def reason(stderr: str) -> str:
-    """The line of a script's stderr that says why it stopped: its `error:` line, else the first line of tyro's framed
-    message that names the problem."""
-    lines = [line.strip("│╭╮╰╯─ ") for line in stderr.splitlines()]
-    lines = [line for line in lines if line]
-    error = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
-    return error or next((line for line in lines if ":" in line), lines[0] if lines else "no message")
 
 
 def main(args: Args) -> None:

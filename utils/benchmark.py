@@ -15,9 +15,8 @@ The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`, or a
 file of `--skip-runs-in`, as `utils.plot --export` writes them) is skipped, and a job that was
 interrupted continues from its checkpoint with `--resume`. Each script's own parsing and checks run on its jobs'
 arguments before any job starts, so that a typo or a refused value stops the sweep at once, with one error line.
-A job that fails during its run is reported with its
-command and the end of its log and does not stop the others. When the jobs are done, `utils.plot`
-draws the sweep's figures into `<out-dir>/` and prints the table of final returns.
+A job that fails during its run is reported with its command and the end of its log and does not stop the others.
+When the jobs are done, `utils.plot` draws the sweep's figures into `<out-dir>/` and prints the table of final returns.
 """
 
 from __future__ import annotations
@@ -202,19 +201,19 @@ def check_jobs(jobs: list[Job], commands: dict[str, list[str]], out_dir: str) ->
     """Refuse the sweep before any job starts if a script would refuse a job's arguments (a typo after `--` or in
     --grid, a value out of range, an unknown environment): each script's own parsing and checks, run here on each job's
     command line as its `__main__` and `train` would, before they write anything. One error line names the first job."""
-    for job in jobs:
-        module = importlib.import_module(job.script)  # no side effects on import
-        argv = getattr(module, "old_spellings", list)(commands[job.name][2:])  # the spellings its `__main__` takes
-        messages = io.StringIO()  # tyro's framed message, the notes of a resumed run
-        # in the job's folder: a resumed job names its checkpoint relative to it
-        folder = contextlib.chdir(out_dir) if os.path.isdir(out_dir) else contextlib.nullcontext()
-        with folder, contextlib.redirect_stderr(messages):
-            try:
-                module.check_run(module.start_run(tyro.cli(module.Args, args=argv))[0])
-            except SystemExit:  # tyro's refusal
-                raise SystemExit(f"error: {job.name}: {reason(messages.getvalue())}") from None
-            except module.ArgsError as e:
-                raise SystemExit(f"error: {job.name}: {e}") from None
+    # in the jobs' folder: a resumed job names its checkpoint relative to it
+    with contextlib.chdir(out_dir) if os.path.isdir(out_dir) else contextlib.nullcontext():
+        for job in jobs:
+            module = importlib.import_module(job.script)  # no side effects on import
+            argv = getattr(module, "old_spellings", list)(commands[job.name][2:])  # the spellings its `__main__` takes
+            messages = io.StringIO()  # tyro's framed message, the notes of a resumed run
+            with contextlib.redirect_stderr(messages):
+                try:
+                    module.check_run(module.start_run(tyro.cli(module.Args, args=argv))[0])
+                except SystemExit:  # tyro's refusal
+                    raise SystemExit(f"error: {job.name}: {reason(messages.getvalue())}") from None
+                except module.ArgsError as e:
+                    raise SystemExit(f"error: {job.name}: {e}") from None
 
 
 def run_job(command: list[str], out_dir: str, name: str) -> None:

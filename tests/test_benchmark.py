@@ -2,6 +2,7 @@
 SLURM path through submitit (its local executor here, and the submission it would make on a cluster)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ def test_a_failed_job_is_reported_and_the_others_finish(tmp_path, capsys, monkey
         (
             dict(grid=("ppo:clip-coef=0.2,-1",)),
             TINY,
-            "__ppo_continuous_clip-coef-1__1: --clip-coef and --vf-clip-coef must be",
+            "__ppo_continuous_clip-coef-1__1: --clip-coef must be in (0, inf)",
         ),
         (
             dict(algos=("trpo",)),
@@ -89,14 +90,14 @@ def test_a_failed_job_is_reported_and_the_others_finish(tmp_path, capsys, monkey
         (
             dict(env_ids=("InvertedPendulum-v5", "Hoper-v5")),
             TINY,
-            "error: Hoper-v5__trefree_continuous__1: unknown environment id",
+            "error: Hoper-v5__trefree_continuous__1: cannot make environment 'Hoper-v5'",
         ),
         (dict(), ["--help"], "error: --help after -- would end every job with the script's help"),
     ],
 )
 def test_arguments_a_script_would_refuse_stop_the_sweep_before_any_job_starts(tmp_path, kwargs, extra, message):
     for dry_run in (True, False):
-        with pytest.raises(SystemExit, match=message.replace("[", "\\[")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
             benchmark.main(_args(tmp_path, seeds=(1,), dry_run=dry_run, **kwargs), extra)
         assert not (tmp_path / "sweep").exists()
 

@@ -301,16 +301,3 @@ def test_plot_writes_figures_and_the_final_returns_table_and_reads_its_csv_back(
     assert plot.final_returns_table(again).splitlines()[2:] == expected
     np.testing.assert_allclose(again[0].curve, runs[0].curve, rtol=1e-5)
     np.testing.assert_allclose(again[0].ratios, runs[0].ratios, rtol=1e-5)
-
-
-@pytest.mark.parametrize("script, on", [("ppo_continuous", "minibatch"), ("trpo_continuous", "batch")])
-def test_a_checkpoint_of_the_boolean_norm_adv_resumes_with_its_meaning(tmp_path, script, on):
-    """--norm-adv was a switch (on: PPO per minibatch, TRPO over the batch); its checkpoints resume with that meaning."""
-    algo = importlib.import_module(script)
-    for saved, meaning in [(True, on), (False, "none")]:
-        path = str(tmp_path / f"{saved}.pt")
-        checkpoint = {"algo": script, "args": vars(algo.Args(total_timesteps=4096)) | {"norm_adv": saved}, "global_step": 2048}
-        checkpoint |= {"iteration": 1, "model": {}, "optimizer": {}, "normalizer": {}, "rng": torch.get_rng_state()}
-        torch.save(checkpoint | {"cuda_rng": []}, path)
-        args, _, run_dir = algo.start_run(algo.Args(resume=path))
-        assert args.norm_adv == meaning and args.total_timesteps == 4096 and run_dir == str(tmp_path)

@@ -153,7 +153,7 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_line(tmp_path, script
         "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
         "OMP_NUM_THREADS": "1",
     }
-    flags = "--env-id InvertedPendulum-v5 --total-timesteps 2048 --num-steps 1024 --no-cuda"
+    flags = "--env-id InvertedPendulum-v5 --total-timesteps 2048 --num-steps 1024 --no-cuda --compile"
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags.split()]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

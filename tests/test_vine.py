@@ -230,8 +230,8 @@ def test_vine_balances_inverted_pendulum():
             dict(env_id="tests/Counter-v0"),
             "--sampling vine restores the simulator's state, which this script can do for MuJoCo environments only",
         ),
-        (dict(vine_actions=1), "--vine-actions must be at least 2"),
-        (dict(vine_states=2000), "--vine-states must be between 1 and the trunk's 1024 steps"),
+        (dict(vine_actions=1), "--vine-actions must be in [2, inf)"),
+        (dict(vine_states=2000), "--vine-states 2000 is more than the trunk's 1024 steps"),
         (
             dict(async_envs=True, num_envs=2),
             "--sampling vine saves the trunk's states, which --async-envs keeps in subprocesses",

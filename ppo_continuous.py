@@ -55,7 +55,7 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team or user) of --track; none: the default of the logged-in account"""
     compile: Annotated[bool | None, tyro.conf.DisallowNone] = None
-    """compile the minibatch step with torch.compile (eager if it cannot); default: if the run takes 25,000 of them or more"""
+    """torch.compile the minibatch step (eager if it cannot); unset: only if the run has the 25,000 or more that repay it"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False
@@ -437,7 +437,7 @@ def train(args: Args) -> dict[str, float]:
         run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
         run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
         wandb.init(**run, sync_tensorboard=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)  # what followed it goes
+    writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops what followed
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     random.seed(args.seed)
@@ -463,8 +463,9 @@ def train(args: Args) -> dict[str, float]:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
-    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README, Speed): by default, a run that long.
-    long_run = (num_iterations - start_iteration + 1) * args.update_epochs * args.num_minibatches >= 25_000
+    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README, Speed): by default, only a run that long,
+    # counted over the whole run, so that a resumed run goes on as it began.
+    long_run = num_iterations * args.update_epochs * args.num_minibatches >= 25_000
     train_step = compiled(minibatch_step, device) if (long_run if args.compile is None else args.compile) else minibatch_step
     # On resume the statistics already hold the observation the run would have continued from: not counted twice.
     obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)

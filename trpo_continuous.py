@@ -61,7 +61,7 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team or user) of --track; none: the default of the logged-in account"""
     compile: Annotated[bool | None, tyro.conf.DisallowNone] = None
-    """compile the value function's minibatch step (eager if it cannot); default: if the run takes 25,000 of them or more"""
+    """torch.compile the value function's minibatch step (eager if it cannot); unset: only if the run has 25,000 or more"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False
@@ -696,7 +696,7 @@ def train(args: Args) -> dict[str, float]:
         run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
         run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
         wandb.init(**run, sync_tensorboard=True)
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)  # what followed it goes
+    writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops what followed
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     random.seed(args.seed)
@@ -730,8 +730,9 @@ def train(args: Args) -> dict[str, float]:
     # simulator step counts. Iterations go on while one more surely fits in --total-timesteps.
     iteration_steps = batch_size + (args.vine_states * args.vine_actions * args.vine_horizon if vine else 0)
     budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
-    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README, Speed): by default, a run that long.
-    long_run = (args.total_timesteps - global_step) // iteration_steps * args.vf_iters * args.num_minibatches >= 25_000
+    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README, Speed): by default, only a run that long,
+    # counted over the whole run, so that a resumed run goes on as it began.
+    long_run = args.total_timesteps // iteration_steps * args.vf_iters * args.num_minibatches >= 25_000
     train_step = compiled(minibatch_step, device) if (long_run if args.compile is None else args.compile) else minibatch_step
     # On resume the statistics already hold the observation the run would have continued from: not counted twice.
     obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)

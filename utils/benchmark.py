@@ -205,7 +205,7 @@ def check_jobs(jobs: list[Job], commands: dict[str, list[str]], out_dir: str) ->
     with contextlib.chdir(out_dir) if os.path.isdir(out_dir) else contextlib.nullcontext():
         for job in jobs:
             module = importlib.import_module(job.script)  # no side effects on import
-            argv = getattr(module, "old_spellings", list)(commands[job.name][2:])  # the spellings its `__main__` takes
+            argv = commands[job.name][2:]
             messages = io.StringIO()  # tyro's framed message, the notes of a resumed run
             with contextlib.redirect_stderr(messages):
                 try:

@@ -6,7 +6,7 @@
 Environment-only: one `gym.make` environment stepped with `action_space.sample()`, reset at episode
 ends, measured just before and just after each training run (the mean is the reference). Training: each script run as
 its own process with its default hyper-parameters (and any flags given) and one torch thread. Its SPS is the steady
-speed after the first iteration, whose update holds the compilation of the minibatch step (`--compile`, the default):
+speed after the first iteration, whose update holds the compilation of the minibatch step (with `--compile`):
 (steps of iterations 2..n) / (their wall time), from the logged `charts/SPS`. The rollout and update times per
 iteration are the medians of `perf/rollout_time` and `perf/update_time`; "compile s" is the first iteration's update
 time less the median (about 0 with --no-compile).

@@ -56,7 +56,7 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team or user) of --track; none: the default of the logged-in account"""
     compile: Annotated[bool | None, tyro.conf.DisallowNone] = None
-    """torch.compile the minibatch step (eager if it cannot); unset: only if the run has the 25,000 or more that repay it"""
+    """compile the minibatch step with torch.compile (eager if it cannot); unset: only a run of 25,000 of them or more"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False

@@ -284,3 +284,37 @@ def test_standardized_advantages_make_the_update_blind_to_their_scale_and_none_d
     for norm_adv in ("batch", "minibatch"):
         assert (updated(norm_adv, 1.0) - updated(norm_adv, 3.0)).abs().max() < 1e-5, norm_adv
     assert (updated("none", 1.0) - updated("none", 3.0)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compiles_by_default_only_a_run_long_enough_to_repay_it(script, monkeypatch):
+    """Unset, --compile compiles the minibatch step only for a run of 25,000 minibatch steps or more, counted over the whole
+    run (PPO and TREFree at their defaults: from 79 iterations of 320 steps; TRPO: from 313 of 80); --compile and
+    --no-compile force either. Each run stops at its first rollout, once the step is chosen."""
+    algo = importlib.import_module(script)
+
+    class Compiling(Exception):
+        pass
+
+    class RollingOut(Exception):
+        pass
+
+    def compiled(step, device):
+        raise Compiling
+
+    def rollout(*args, **kwargs):
+        raise RollingOut
+
+    monkeypatch.setattr(algo, "compiled", compiled)
+    monkeypatch.setattr(algo, "rollout", rollout)
+    steps = algo.Args().num_steps
+    first = 79 if script != "trpo_continuous" else 313  # the first number of iterations with 25,000 minibatch steps
+    for compile, iterations, compiles in [
+        (None, first - 1, False),
+        (None, first, True),
+        (True, 1, True),
+        (False, first, False),
+    ]:
+        with pytest.raises((Compiling, RollingOut)) as stopped:
+            algo.train(algo.Args(env_id="InvertedPendulum-v5", total_timesteps=iterations * steps, compile=compile))
+        assert isinstance(stopped.value, Compiling) == compiles, (compile, iterations)

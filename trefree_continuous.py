@@ -38,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 
-# -- Arguments -----------------------------------------------------------------------------------------------------------
+# Arguments ------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -129,7 +129,7 @@ BOUNDS = {
 }
 
 
-# -- Environments --------------------------------------------------------------------------------------------------------
+# Environments ---------------------------------------------------------------------------------------------------------
 def make_envs(
     env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None, env_kwargs: dict | None = None
 ) -> gym.vector.VectorEnv:
@@ -151,7 +151,7 @@ def make_envs(
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
-# -- Observation and reward normalization (Baselines' VecNormalize) ------------------------------------------------------
+# Observation and reward normalization (Baselines' VecNormalize) -------------------------------------------------------
 class RunningMeanStd:
     """Mean and variance of a stream of batches (the parallel algorithm of Chan et al., as in Baselines)."""
 
@@ -208,7 +208,7 @@ class Normalizer:
         self.ret_rms.load_state_dict(state["ret_rms"])
 
 
-# -- Networks ------------------------------------------------------------------------------------------------------------
+# Networks -------------------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     """Orthogonal weights with gain `std`, constant bias."""
     nn.init.orthogonal_(layer.weight, std)
@@ -260,7 +260,7 @@ def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
     return lambda obs: np.tanh(np.tanh(obs @ w1 + b1) @ w2 + b2) @ w3 + b3
 
 
-# -- Rollout -------------------------------------------------------------------------------------------------------------
+# Rollout --------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def rollout(
     envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray, num_steps: int
@@ -300,7 +300,7 @@ def rollout(
     return batch, obs, episodes
 
 
-# -- Generalized advantage estimation ------------------------------------------------------------------------------------
+# Generalized advantage estimation -------------------------------------------------------------------------------------
 def compute_gae(
     rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tensor, dones: Tensor, gamma: float, gae_lambda: float
 ) -> tuple[Tensor, Tensor]:
@@ -330,7 +330,7 @@ def make_batch(
     return {k: v.flatten(0, 1) for k, v in (batch | {"advantages": advantages, "returns": returns}).items()}
 
 
-# -- TREFree loss and update ---------------------------------------------------------------------------------------------
+# TREFree loss and update ----------------------------------------------------------------------------------------------
 def trefree_loss(
     logratio: Tensor, advantages: Tensor, delta: float, conservative: str = "objective", ratio_clip: float = 0.2
 ) -> tuple[Tensor, Tensor]:
@@ -436,7 +436,7 @@ def explained_variance(values: Tensor, returns: Tensor) -> float:
     return float("nan") if var_returns == 0 else (1 - (returns - values).var() / var_returns).item()
 
 
-# -- Training ------------------------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------------------------------
 def train(args: Args) -> dict[str, float]:
     """Train TREFree, or continue the run of the checkpoint `args.resume`. Returns the final global step, the mean raw return
     of the last 10 episodes, and the signal that stopped the run early (0: none)."""
@@ -563,7 +563,7 @@ def train(args: Args) -> dict[str, float]:
     return {"global_step": global_step, "mean_return": float(np.mean(recent_returns or [np.nan])), "stopped_by": stopped_by}
 
 
-# -- Plumbing: checks, checkpoints, the compiled step -------------------------------------------------------------------
+# Plumbing: checks, checkpoints, the compiled step ---------------------------------------------------------------------
 class ArgsError(ValueError):
     """A bad command line, environment or checkpoint, refused before the first step: one line, exit code 2."""
 

@@ -43,7 +43,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 
-# -- Arguments ----------------------------------------------------------------------------------------------------------
+# Arguments ------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -141,7 +141,7 @@ BOUNDS = {
 }
 
 
-# -- Environments --------------------------------------------------------------------------------------------------------
+# Environments ---------------------------------------------------------------------------------------------------------
 def make_envs(
     env_id: str, num_envs: int, async_envs: bool = False, video_dir: str | None = None, env_kwargs: dict | None = None
 ) -> gym.vector.VectorEnv:
@@ -163,7 +163,7 @@ def make_envs(
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
-# -- Observation and reward normalization (Baselines' VecNormalize) ------------------------------------------------------
+# Observation and reward normalization (Baselines' VecNormalize) -------------------------------------------------------
 class RunningMeanStd:
     """Mean and variance of a stream of batches (the parallel algorithm of Chan et al., as in Baselines)."""
 
@@ -221,7 +221,7 @@ class Normalizer:
         self.ret_rms.load_state_dict(state["ret_rms"])
 
 
-# -- Networks ------------------------------------------------------------------------------------------------------------
+# Networks -------------------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     """Orthogonal weights with gain `std`, constant bias."""
     nn.init.orthogonal_(layer.weight, std)
@@ -278,7 +278,7 @@ def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
     return lambda obs: np.tanh(np.tanh(obs @ w1 + b1) @ w2 + b2) @ w3 + b3
 
 
-# -- Rollout -------------------------------------------------------------------------------------------------------------
+# Rollout --------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def rollout(
     envs: gym.vector.VectorEnv, agent: Agent, normalizer: Normalizer, obs: np.ndarray, num_steps: int, save_states_at=()
@@ -325,7 +325,7 @@ def rollout(
     return batch, obs, episodes, [saved[key] for key in save_states_at]
 
 
-# -- Vine (Section 5.2): branch rollouts from a rollout set, with common random numbers ----------------------------------
+# Vine (Section 5.2): branch rollouts from a rollout set, with common random numbers -----------------------------------
 def choose_rollout_set(num_steps: int, num_envs: int, num_states: int) -> list[tuple[int, int]]:
     """The rollout set: `num_states` (step, environment) pairs of the trunk's batch, drawn uniformly without replacement."""
     return [divmod(int(i), num_envs) for i in torch.randperm(num_steps * num_envs)[:num_states]]
@@ -410,7 +410,7 @@ def vine_rollouts(
     return {k: v.astype(np.float32) for k, v in (branches | dict(bootstrap_discount=discount.reshape(shape))).items()}, steps
 
 
-# -- Generalized advantage estimation ------------------------------------------------------------------------------------
+# Generalized advantage estimation -------------------------------------------------------------------------------------
 def compute_gae(
     rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tensor, dones: Tensor, gamma: float, gae_lambda: float
 ) -> tuple[Tensor, Tensor]:
@@ -451,7 +451,7 @@ def make_vine_batch(agent: Agent, branches: dict[str, np.ndarray], device: torch
     return {"obs": b["obs"], "actions": b["actions"], "logprobs": agent.log_prob(obs_k, b["actions"]), "q_values": q_values}
 
 
-# -- TRPO update: natural gradient by conjugate gradient, line search on the KL constraint -------------------------------
+# TRPO update: natural gradient by conjugate gradient, line search on the KL constraint --------------------------------
 def gaussian_kl(mean_old: Tensor, log_std_old: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
     """KL(N(mean_old, sigma_old^2) || N(mean, sigma^2)) per state, summed over action dimensions."""
     var_old, var = (2 * log_std_old).exp(), (2 * log_std).exp()
@@ -678,7 +678,7 @@ def explained_variance(values: Tensor, returns: Tensor) -> float:
     return float("nan") if var_returns == 0 else (1 - (returns - values).var() / var_returns).item()
 
 
-# -- Training ------------------------------------------------------------------------------------------------------------
+# Training -------------------------------------------------------------------------------------------------------------
 def train(args: Args) -> dict[str, float]:
     """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step, the mean raw return
     of the last 10 episodes, and the signal that stopped the run early (0: none)."""
@@ -826,7 +826,7 @@ def train(args: Args) -> dict[str, float]:
     return {"global_step": global_step, "mean_return": float(np.mean(recent_returns or [np.nan])), "stopped_by": stopped_by}
 
 
-# -- Plumbing: checks, checkpoints, the compiled step -------------------------------------------------------------------
+# Plumbing: checks, checkpoints, the compiled step ---------------------------------------------------------------------
 class ArgsError(ValueError):
     """A bad command line, environment or checkpoint, refused before the first step: one line, exit code 2."""
 

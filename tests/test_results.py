@@ -10,6 +10,8 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from utils import plot
+from utils.results.screening import analysis as screening
+from utils.results.ten_seeds import analysis as ten_seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +65,7 @@ def test_a_reference_without_a_positive_mean_cannot_normalize():
     ],
 )
 def test_grid_value_reads_the_exp_names_of_a_grid_sweep(exp_name, flag, expected):
-    assert plot.grid_value(exp_name, flag) == expected
+    assert screening.grid_value(exp_name, flag) == expected
 
 
 def test_sensitivity_figure(tmp_path):
@@ -71,7 +73,7 @@ def test_sensitivity_figure(tmp_path):
         _run(env, f"trefree_continuous_delta{d}", s, d * s) for env in ("A-v5", "B-v5") for d in (0.01, 0.1) for s in (1, 2)
     ]
     runs += [_run(env, f"ppo_continuous_clip-coef{e}", s, e) for env in ("A-v5", "B-v5") for e in (0.1, 0.2) for s in (1, 2)]
-    path = plot.plot_sensitivity(runs, ("delta", "clip-coef"), str(tmp_path / "screen.png"))
+    path = screening.plot_sensitivity(runs, ("delta", "clip-coef"), str(tmp_path / "screen.png"))
     assert path == str(tmp_path / "screen_sensitivity.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -104,7 +106,7 @@ def test_choose_takes_the_grid_value_with_the_highest_mean_normalized_score():
     runs += [_run("A-v5", "trefree_continuous_delta0.1", 1, 150.0), _run("B-v5", "trefree_continuous_delta0.1", 1, 10.0)]
     runs += [_run("A-v5", "trefree_continuous_delta0.3", 1, 60.0), _run("B-v5", "trefree_continuous_delta0.3", 1, 90.0)]
     runs += [_run("A-v5", "trefree_continuous_delta1", 1, 500.0)]
-    best, means = plot.choose(runs, "ref", "delta")
+    best, means = screening.choose(runs, "ref", "delta")
     assert best == "trefree_continuous_delta0.1" and means == pytest.approx({best: 0.8, "trefree_continuous_delta0.3": 0.75})
 
 
@@ -168,7 +170,7 @@ def test_comparison_verdicts_on_runs_with_known_differences(tmp_path):
                 _scored_run(env_id, "worse", seed, ref - 50.0),
             ]
     random = {"A-v5": 0.0, "B-v5": 100.0}
-    tables, normalized = plot.compare(runs, ("better", "ref", "same"), random, reps=2000)
+    tables, normalized = ten_seeds.compare(runs, ("better", "ref", "same"), random, reps=2000)
     final = tables.split("**sample efficiency")[0]
     row = next(line for line in final.splitlines() if line.startswith("| A-v5 |"))
     # the difference of means is +100; the seeds of each algorithm are resampled independently (runs are not paired), so
@@ -185,7 +187,7 @@ def test_comparison_verdicts_on_runs_with_known_differences(tmp_path):
     # every run of `better` beats every run of `ref` (P = 1 in every resample), and the IQM intervals lie apart
     assert aggregate["ref"].endswith("1.000 [1.000, 1.000] | better beats, by a large margin (IQM intervals apart) |")
     # P(better > same) = 1 too; and against itself a method ties: `same` vs `ref`
-    tables, _ = plot.compare(runs, ("same", "ref", "worse"), random, reps=2000)
+    tables, _ = ten_seeds.compare(runs, ("same", "ref", "worse"), random, reps=2000)
     final = tables.split("**sample efficiency")[0]
     ref_row = next(line for line in final.splitlines() if line.startswith("| ref |") and "P(" not in line)
     worse_row = next(line for line in final.splitlines() if line.startswith("| worse |") and "P(" not in line)
@@ -216,14 +218,14 @@ def test_binned_curves_and_areas_survive_the_csv_and_draw_the_comparison_figures
     (tmp_path / "random.csv").write_text(
         "env_id,policy,episode,return\nA-v5,random,0,-10\nA-v5,random,1,10\nB-v5,random,0,5\n"
     )
-    assert plot.read_random_returns(str(tmp_path / "random.csv")) == {"A-v5": 0.0, "B-v5": 5.0}
-    _, normalized = plot.compare(runs, ("b", "a"), plot.read_random_returns(str(tmp_path / "random.csv")), reps=200)
-    for path in plot.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "curves.png"), reps=200):
+    assert ten_seeds.read_random_returns(str(tmp_path / "random.csv")) == {"A-v5": 0.0, "B-v5": 5.0}
+    _, normalized = ten_seeds.compare(runs, ("b", "a"), ten_seeds.read_random_returns(str(tmp_path / "random.csv")), reps=200)
+    for path in ten_seeds.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "curves.png"), reps=200):
         assert path.endswith(("_binned.png", "_profiles.png")) and (tmp_path / path).stat().st_size > 10_000
     # the bands are bootstrap intervals too, drawn from numpy's seeded generator: the same figures again
     np.random.rand(3)
     (tmp_path / "again").mkdir()
-    for path in plot.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "again" / "curves.png"), reps=200):
+    for path in ten_seeds.plot_comparison(runs, ("b", "a"), normalized, str(tmp_path / "again" / "curves.png"), reps=200):
         assert (tmp_path / "again" / os.path.basename(path)).read_bytes() == (tmp_path / os.path.basename(path)).read_bytes()
 
 
@@ -254,32 +256,41 @@ def test_comparison_intervals_are_reproducible_and_the_same_in_any_number_of_pro
         for seed in range(1, 7)
     ]
     random = {"A-v5": 0.0, "B-v5": 10.0}
-    first, _ = plot.compare(runs, ("b", "a", "c"), random, reps=200)
+    first, _ = ten_seeds.compare(runs, ("b", "a", "c"), random, reps=200)
     np.random.seed(123)
     np.random.rand(7)
-    again, _ = plot.compare(runs, ("b", "a", "c"), random, reps=200)
-    spread, _ = plot.compare(runs, ("b", "a", "c"), random, reps=200, workers=2)
+    again, _ = ten_seeds.compare(runs, ("b", "a", "c"), random, reps=200)
+    spread, _ = ten_seeds.compare(runs, ("b", "a", "c"), random, reps=200, workers=2)
     assert first == again == spread
     assert "| A-v5 | 400.0 [" in first  # not a degenerate interval: its bounds depend on the draws
     low, high = (float(v) for v in first.split("| A-v5 | 400.0 [")[1].split("]")[0].split(", "))
     assert low < 400.0 < high
 
 
+TEN_SEEDS, SCREENING = "utils.results.ten_seeds.analysis", "utils.results.screening.analysis"
+
+
 @pytest.mark.parametrize(
-    "flags, message",
+    "command, flags, message",
     [
-        (["--reference", "nope"], "error: no runs of --reference nope under results"),
-        (["--compare", "b", "nope", "--random", "random.csv"], "error: no runs of --compare nope under results"),
-        (["--choose", "delta"], "error: --choose needs --reference"),
-        (["--reference", "a"], "error: a has a mean final return <= 0 on some environment; it cannot normalize"),
-        (["--compare", "b", "a", "--random", "random.csv"], "error: --compare needs runs of b, a on a common environment"),
-        (["--x", "iterations"], "error: A-v5 a has no iteration steps (charts/SPS) to plot against"),
-        (["--out", "random.csv/curves.png"], "error: --out random.csv/curves.png: cannot write in"),
-        (["--export", "results"], "error: --export results is a folder, not a file"),
-        (["--workers", "0"], "error: --workers must be at least 1"),
+        ("utils.plot", ["--reference", "nope"], "error: no runs of --reference nope under results"),
+        (TEN_SEEDS, ["--compare", "b", "nope", "--random", "random.csv"], "error: no runs of --compare nope under results"),
+        (SCREENING, ["--choose", "delta"], "error: --choose needs --reference"),
+        ("utils.plot", ["--reference", "a"], "error: a has a mean final return <= 0 on some environment; it cannot normalize"),
+        (
+            TEN_SEEDS,
+            ["--compare", "b", "a", "--random", "random.csv"],
+            "error: --compare needs runs of b, a on a common environment",
+        ),
+        ("utils.plot", ["--x", "iterations"], "error: A-v5 a has no iteration steps (charts/SPS) to plot against"),
+        ("utils.plot", ["--out", "random.csv/curves.png"], "error: --out random.csv/curves.png: cannot write in"),
+        ("utils.plot", ["--export", "results"], "error: --export results is a folder, not a file"),
+        (TEN_SEEDS, ["--workers", "0"], "error: --workers must be at least 1"),
+        ("utils.plot", ["--compare", "b", "a"], "error: --compare has moved beside its study: python -m " + TEN_SEEDS),
+        ("utils.plot", ["--choose", "delta"], "error: --choose has moved beside its study: python -m " + SCREENING),
     ],
 )
-def test_plot_refuses_bad_input_before_writing_anything(tmp_path, flags, message):
+def test_plot_refuses_bad_input_before_writing_anything(tmp_path, command, flags, message):
     """Every check, including those of the tables (the reference's normalization, the comparison's environments), comes
     before the first figure is written."""
     finals = {"A-v5": 100.0, "B-v5": -50.0}
@@ -289,7 +300,7 @@ def test_plot_refuses_bad_input_before_writing_anything(tmp_path, flags, message
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     env = os.environ | {"PYTHONPATH": ROOT}
     result = subprocess.run(
-        [sys.executable, "-m", "utils.plot", "results", *flags], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-m", command, "results", *flags], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith(message), result.stderr

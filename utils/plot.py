@@ -1,7 +1,7 @@
 """Learning curves, ratio ranges and a table of final returns from training logs.
 
     python -m utils.plot runs/ [--out curves.png] [--export results.csv] [--ratios] [--x steps|iterations]
-    python -m utils.plot utils/results/screening --reference ppo_continuous_clip-coef0.2 --sensitivity delta clip-coef
+    python -m utils.plot utils/results/final --reference ppo_continuous_clip-coef0.3
     python -m utils.plot utils/results/figure1 utils/results/final --exp-names trpo_continuous "ppo_*"
 
 Reads every TensorBoard run under the folders (run directories are named
@@ -21,30 +21,19 @@ reads back.
 of ln ratio/max and ln ratio/min, and their extremes). `--reference EXP_NAME` normalizes every final
 return by the reference's mean final return on the same environment and prints, per algorithm, the
 mean normalized score over environments and the interquartile mean (IQM) over runs and environments
-with a 95 % stratified-bootstrap confidence interval (rliable; Agarwal et al., 2021). `--sensitivity
-FLAG ...` reads the runs of a `utils.benchmark --grid` sweep (exp_name `<script>_<flag><value>`) and
-draws `<out>_sensitivity.png`: per environment (rows) and flag (columns), the final return against the
-flag's value on a log axis, each seed a dot and the mean a line.
-
-`--compare A B C --random random_returns.csv` compares A with B and with C on three metrics (final return,
-evaluation return, area under the binned learning curve): per environment, each algorithm's mean over seeds
-and the differences A - B and A - C with 95 % bootstrap intervals and verdicts; across environments, the
-IQM of scores normalized by B's mean and the random policy's return, and the probability that A improves
-on B and on C, with stratified-bootstrap intervals (rliable, `--reps` resamples, `--workers` processes).
-It draws `<out>_binned.png` (the binned learning curves with bootstrap bands) and `<out>_profiles.png`
-(rliable's performance profiles). Every table is computed before any file is written.
+with a 95 % stratified-bootstrap confidence interval (rliable; Agarwal et al., 2021). A study's own analysis lives
+beside its data: the ten seeds' comparison (formerly `--compare`) in `utils/results/ten_seeds/analysis.py`, the
+screening's choice and sensitivity figure (formerly `--choose`, `--sensitivity`) in `utils/results/screening/analysis.py`.
 """
 
 from __future__ import annotations
 
 import csv
 import fnmatch
-import functools
 import glob
 import os
-import re
+import sys
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -70,20 +59,8 @@ class Args:
     """also print the ratio ranges: median over updates of ln ratio/max and ln ratio/min, and their extremes"""
     reference: str | None = None
     """normalize final returns by this exp_name's mean final return per environment; print the mean and the IQM (rliable)"""
-    sensitivity: tuple[str, ...] = ()
-    """flags of a `utils.benchmark --grid` sweep: draw `<out>_sensitivity.png`, final return against each flag's value"""
     x: Literal["steps", "iterations"] = "steps"
     """the learning curves' x axis: environment (simulator) steps, or iterations"""
-    choose: tuple[str, ...] = ()
-    """flags of a `utils.benchmark --grid` sweep: print the value with the highest mean normalized score (needs --reference)"""
-    compare: tuple[str, ...] = ()
-    """exp_names: compare the first with each other, per environment and across them (needs --random; the second normalizes)"""
-    random: str | None = None
-    """a CSV of random-policy returns (`utils.evaluate --random-policy --csv`), for --compare's normalized scores"""
-    reps: int = 50_000
-    """bootstrap resamples of every confidence interval of --compare"""
-    workers: int = 1
-    """processes computing --compare's intervals (each interval seeds its own draws: the same numbers for any count)"""
 
 
 @dataclass
@@ -327,288 +304,6 @@ def aggregate_table(runs: list[Run], reference: str, reps: int = 50_000, seed: i
     return "\n".join(rows)
 
 
-def read_random_returns(path: str) -> dict[str, float]:
-    """env_id -> the mean return of a random policy's episodes, from a CSV of `utils.evaluate --random-policy --csv`."""
-    returns = defaultdict(list)
-    try:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                returns[row["env_id"]].append(float(row["return"]))
-    except (OSError, KeyError, ValueError):
-        raise SystemExit(f"error: '{path}' is not a CSV file of utils.evaluate --csv") from None
-    return {env_id: float(np.mean(values)) for env_id, values in returns.items()}
-
-
-METRICS = {"final": "final return", "eval": "evaluation return", "auc": "sample efficiency (AUC)"}
-
-
-# The statistics of --compare's intervals, at module level so that worker processes can run them.
-def mean(x: np.ndarray) -> np.ndarray:
-    return np.array([x.mean()])
-
-
-def difference_of_means(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.array([x.mean() - y.mean()])
-
-
-def iqm(x: np.ndarray) -> np.ndarray:
-    from rliable import metrics
-
-    return np.array([metrics.aggregate_iqm(x)])
-
-
-def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from rliable import metrics
-
-    return np.array([metrics.probability_of_improvement(x, y)])
-
-
-def interval(scores, statistic, reps: int, seed: int) -> tuple[float, float, float]:
-    """`statistic` of `scores` (a (runs, tasks) matrix, or a tuple of them) and its 95 % percentile interval over `reps`
-    stratified-bootstrap resamples: rliable's `get_interval_estimates`, with numpy's generator seeded with `seed`."""
-    from rliable import library as rly
-
-    # rliable draws the resamples' indices from numpy's global generator (np.random.choice); its `random_state` argument
-    # does not reach them. Seeding it here makes each interval the same in any order and in any process.
-    np.random.seed(seed)
-    point, ci = rly.get_interval_estimates({"x": scores}, statistic, reps=reps)
-    return float(point["x"][0]), float(ci["x"][0, 0]), float(ci["x"][1, 0])
-
-
-def intervals(jobs: dict, reps: int, seed: int, workers: int = 1) -> dict:
-    """key -> `interval(*jobs[key], reps, seed)`, computed in `workers` processes; each interval seeds its own draws, so
-    the numbers do not depend on `workers`."""
-    scores, statistics = zip(*jobs.values(), strict=True)
-    estimate = functools.partial(interval, reps=reps, seed=seed)
-    if workers == 1:
-        return dict(zip(jobs, map(estimate, scores, statistics), strict=True))
-    with ProcessPoolExecutor(workers) as pool:
-        return dict(zip(jobs, pool.map(estimate, scores, statistics), strict=True))
-
-
-def common_env_ids(groups: dict[str, dict[str, list[Run]]], names: tuple[str, ...]) -> list[str]:
-    """The environments of `group`'s result on which every one of `names` has runs, sorted."""
-    return sorted(env_id for env_id, algos in groups.items() if all(name in algos for name in names))
-
-
-def compare(
-    runs: list[Run], names: tuple[str, ...], random: dict[str, float], reps: int = 50_000, seed: int = 0, workers: int = 1
-) -> tuple[str, dict]:
-    """The comparison of `names[0]` with each of `names[1:]`, per metric (METRICS): per environment, each algorithm's mean
-    over seeds with a 95 % bootstrap interval, and the differences of means with theirs and a verdict; across
-    environments, each algorithm's IQM of the scores normalized as (x - random) / (mean of `names[1]` - random), and
-    the probabilities of improvement, with 95 % stratified-bootstrap intervals. All by rliable's `get_interval_estimates`
-    (`interval`: percentile, `reps` resamples, numpy seeded with `seed` per interval; in `workers` processes). Returns
-    Markdown and the normalized final returns."""
-    groups = group(runs)
-    env_ids = common_env_ids(groups, names)
-    if not env_ids or any(env_id not in random for env_id in env_ids):
-        raise SystemExit(
-            f"error: --compare needs runs of {', '.join(names)} on a common environment, and random returns for each"
-        )
-    candidate, reference, baselines = names[0], names[1], names[1:]
-
-    # The data of each metric: per environment the seeds' values, and across environments (runs, environments) matrices
-    # of raw and normalized scores over the seeds that every environment has.
-    values, raw, normalized = {}, {}, {}
-    for metric in METRICS:
-        by_env = {
-            e: {n: np.array([getattr(r, metric) for r in sorted(groups[e][n], key=lambda r: r.seed)]) for n in names}
-            for e in env_ids
-        }
-        if any(np.isnan(v).any() for by_name in by_env.values() for v in by_name.values()):
-            continue  # e.g. runs without --save-model have no evaluation return
-        runs_per_env = min(len(v) for by_name in by_env.values() for v in by_name.values())
-        values[metric] = by_env
-        raw[metric] = {n: np.stack([by_env[e][n][:runs_per_env] for e in env_ids], 1) for n in names}
-        scale = np.array([by_env[e][reference].mean() - random[e] for e in env_ids])
-        normalized[metric] = {n: (raw[metric][n] - np.array([random[e] for e in env_ids])) / scale for n in names}
-
-    jobs = {}
-    for metric, by_env in values.items():
-        for e in env_ids:
-            jobs |= {(metric, e, n): (by_env[e][n][:, None], mean) for n in names}
-            jobs |= {
-                (metric, e, "-", b): ((by_env[e][candidate][:, None], by_env[e][b][:, None]), difference_of_means)
-                for b in baselines
-            }
-        jobs |= {(metric, "IQM", n): (normalized[metric][n], iqm) for n in names}
-        jobs |= {(metric, "P", b): ((raw[metric][candidate], raw[metric][b]), probability_of_improvement) for b in baselines}
-    estimates = intervals(jobs, reps, seed, workers)
-
-    def fmt(x: float) -> str:
-        return f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3f}"
-
-    lines = []
-    for metric in values:
-        title = METRICS[metric]
-        diffs = [f"{candidate} − {b}" for b in baselines]
-        lines += [
-            f"**{title}**, per environment: mean over seeds [95 % CI]; differences [95 % CI] and verdict",
-            "",
-            "| environment | " + " | ".join([*names, *(f"{d} | verdict" for d in diffs)]) + " |",
-            "|---|" + "---:|" * len(names) + "---:|---|" * len(diffs),
-        ]
-        for e in env_ids:
-            cells = [f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" for m, lo, hi in (estimates[metric, e, n] for n in names)]
-            for b in baselines:
-                d, lo, hi = estimates[metric, e, "-", b]
-                cells += [
-                    f"{d:+,.1f} [{lo:+,.1f}, {hi:+,.1f}]",
-                    "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference",
-                ]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            f"**{title}** across the {len(env_ids)} environments ({len(raw[metric][candidate])} runs each), "
-            f"normalized by {reference}:",
-            "",
-            "| algorithm | IQM [95 % CI] | P(" + candidate + " > algorithm) [95 % CI] | verdict |",
-            "|---|---:|---:|---|",
-        ]
-        for n in names:
-            m, lo, hi = estimates[metric, "IQM", n]
-            if n == candidate:
-                lines.append(f"| {n} | {m:.3f} [{lo:.3f}, {hi:.3f}] | | |")
-                continue
-            p, plo, phi = estimates[metric, "P", n]
-            verdict = "beats" if plo > 0.5 else "loses" if phi < 0.5 else "ties (no detectable difference)"
-            if verdict == "beats" and estimates[metric, "IQM", candidate][1] > hi:
-                verdict += ", by a large margin (IQM intervals apart)"
-            lines.append(f"| {n} | {m:.3f} [{lo:.3f}, {hi:.3f}] | {p:.3f} [{plo:.3f}, {phi:.3f}] | {candidate} {verdict} |")
-        lines.append("")
-    return "\n".join(lines), normalized.get("final", {})
-
-
-def plot_comparison(
-    runs: list[Run],
-    names: tuple[str, ...],
-    normalized_final: dict[str, np.ndarray],
-    out: str,
-    reps: int = 50_000,
-    seed: int = 0,
-) -> tuple[str, str]:
-    """`<out>_binned.png`: per environment, each algorithm's binned learning curve (the sample-efficiency grid), the mean
-    over seeds with a 95 % bootstrap band; `<out>_profiles.png`: rliable's performance profiles of the normalized final
-    returns, with their 95 % stratified-bootstrap bands. Returns the two paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from rliable import library as rly
-    from rliable import plot_utils
-
-    groups = group(runs)
-    env_ids = common_env_ids(groups, names)
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
-    ncols = min(len(env_ids), 3)
-    fig, axes = plt.subplots(
-        -(-len(env_ids) // ncols), ncols, figsize=(5 * ncols, 4 * -(-len(env_ids) // ncols)), squeeze=False
-    )
-    for ax in axes.flat[len(env_ids) :]:
-        ax.set_visible(False)
-    for ax, env_id in zip(axes.flat, env_ids, strict=False):
-        for name in names:
-            seeds = groups[env_id][name]
-            bins = min(len(run.binned) for run in seeds)
-            # (runs, 1 task, bins): a run's curve moves whole
-            curves = np.stack([run.binned[:bins, 1] for run in seeds])[:, None, :]
-            np.random.seed(seed)  # rliable's resamples come from numpy's global generator (see `interval`)
-            mean, ci = rly.get_interval_estimates({name: curves}, lambda x: x.mean(axis=0)[0], reps=reps)
-            steps = seeds[0].binned[:bins, 0]
-            ax.plot(steps, mean[name], color=colors[name], label=f"{name} ({len(seeds)} seeds)")
-            ax.fill_between(steps, ci[name][0], ci[name][1], color=colors[name], alpha=0.2)
-        ax.set(title=env_id, xlabel="environment steps", ylabel=f"episodic return (mean per {BIN:,} steps)")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    binned_out = os.path.splitext(out)[0] + "_binned.png"
-    fig.savefig(binned_out, dpi=120)
-
-    taus = np.linspace(
-        min(0.0, min(v.min() for v in normalized_final.values())), max(v.max() for v in normalized_final.values()), 101
-    )
-    np.random.seed(seed)  # the profiles' bands: rliable's bootstrap again (2,000 resamples, its default)
-    profiles, profile_cis = rly.create_performance_profile(normalized_final, taus)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    plot_utils.plot_performance_profiles(
-        profiles,
-        taus,
-        performance_profile_cis=profile_cis,
-        colors=colors,
-        ax=ax,
-        xlabel=r"normalized final return $\tau$",
-        labelsize="medium",
-    )
-    ax.legend([plt.Line2D([], [], color=colors[name]) for name in names], names, fontsize="small")
-    fig.tight_layout()
-    profiles_out = os.path.splitext(out)[0] + "_profiles.png"
-    fig.savefig(profiles_out, dpi=120)
-    plt.close("all")
-    return binned_out, profiles_out
-
-
-def choose(runs: list[Run], reference: str, flag: str) -> tuple[str, dict[str, float]]:
-    """The exp_name of a `--grid` sweep over `flag` with the highest mean normalized score over the reference's
-    environments, and every candidate's mean score (only candidates with runs on all of those environments)."""
-    scores = normalized_scores(runs, reference)
-    env_ids = set(scores[reference])
-    means = {
-        exp_name: float(np.mean([by_env[e].mean() for e in env_ids]))
-        for exp_name, by_env in scores.items()
-        if grid_value(exp_name, flag) and set(by_env) >= env_ids
-    }
-    if not means:
-        raise SystemExit(f"error: no runs of a --grid sweep over {flag} on every environment of {reference}")
-    return max(means, key=means.get), means
-
-
-def grid_value(exp_name: str, flag: str) -> tuple[str, float] | None:
-    """`("trefree_continuous_delta0.1", "delta")` -> `("trefree_continuous", 0.1)`: the script and the value of a
-    `utils.benchmark --grid` run, or None if the run did not sweep `flag`."""
-    match = re.fullmatch(rf"(?P<script>[a-z]+_continuous)(?:_.*)?_{re.escape(flag)}(?P<value>[-+0-9.e]+)(?:_.*)?", exp_name)
-    try:
-        return (match["script"], float(match["value"])) if match else None
-    except ValueError:
-        return None
-
-
-def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
-    """Per environment (rows) and flag (columns): final return against the flag's value (log axis); returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = group(runs)
-    path = os.path.splitext(out)[0] + "_sensitivity.png"
-    fig, axes = plt.subplots(
-        len(groups), len(flags), figsize=(4.5 * len(flags), 3.2 * len(groups)), squeeze=False, sharey="row"
-    )
-    for row, (env_id, algos) in zip(axes, sorted(groups.items()), strict=True):
-        for ax, flag in zip(row, flags, strict=True):
-            ax.set_xscale("log")  # before the ticks: setting the scale resets them
-            points = defaultdict(list)  # script -> (value, finals)
-            for exp_name, seeds in algos.items():
-                found = grid_value(exp_name, flag)
-                if found:
-                    points[found[0]].append((found[1], [run.final for run in seeds]))
-            for i, (script, values) in enumerate(sorted(points.items())):
-                values.sort()
-                x = np.array([v for v, _ in values])
-                for v, finals in values:
-                    ax.scatter([v] * len(finals), finals, s=12, color=f"C{i}", alpha=0.5)
-                ax.plot(x, [np.mean(finals) for _, finals in values], "o-", color=f"C{i}", label=script)
-                ax.set_xticks(x, [f"{v:g}" for v in x])
-            ax.set(title=env_id, xlabel=flag, ylabel="final return")
-            ax.minorticks_off()
-            if points:
-                ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot(runs: list[Run], out: str, x: str = "steps") -> tuple[str, str]:
     """Write the learning-curve and ratio-range figures; returns their paths. `x="iterations"`: the learning
     curves against iterations (each run's steps mapped to its iterations; every run needs them) instead of environment
@@ -707,18 +402,8 @@ def main(args: Args) -> None:
     where = ", ".join(args.folders) + (f" matching {' '.join(patterns)}" if patterns else "")
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under {where}")
-    if args.compare and (len(args.compare) < 2 or args.random is None):
-        raise SystemExit(
-            "error: --compare takes two or more exp_names (the first is compared with the others) and needs --random"
-        )
-    if args.workers < 1:
-        raise SystemExit("error: --workers must be at least 1")
-    exp_names = {run.exp_name for run in runs}
-    for flag, names in (("--compare", args.compare), ("--reference", [args.reference] if args.reference else [])):
-        if missing := [name for name in names if name not in exp_names]:
-            raise SystemExit(f"error: no runs of {flag} {' '.join(missing)} under {where}")
-    if args.choose and not args.reference:
-        raise SystemExit("error: --choose needs --reference")
+    if args.reference and args.reference not in {run.exp_name for run in runs}:
+        raise SystemExit(f"error: no runs of --reference {args.reference} under {where}")
     for flag, path in (("--out", args.out), ("--export", args.export)):
         check_writable(flag, path)
     if args.x == "iterations" and (without := next((run for run in runs if not len(run.iterations)), None)):
@@ -728,31 +413,26 @@ def main(args: Args) -> None:
     tables = [final_returns_table(runs)] + ([ratio_table(runs)] if args.ratios else [])
     if args.reference:
         tables.append(aggregate_table(runs, args.reference))
-        for flag in args.choose:
-            best, means = choose(runs, args.reference, flag)
-            others = ", ".join(
-                f"{grid_value(name, flag)[1]:g}: {score:.3f}"
-                for name, score in sorted(means.items(), key=lambda m: grid_value(m[0], flag)[1])
-            )
-            value = grid_value(best, flag)[1]
-            tables.append(f"chosen {flag}={value:g} ({best}), the highest mean normalized score ({others})")
-    if args.compare:
-        random = read_random_returns(args.random)
-        comparison, normalized_final = compare(runs, args.compare, random, args.reps, workers=args.workers)
-        tables.append(comparison)
 
     written = list(plot(runs, args.out, args.x))
-    if args.sensitivity:
-        written.append(plot_sensitivity(runs, args.sensitivity, args.out))
     if args.export:
         export_runs(runs, args.export)
         written.append(args.export)
-    if args.compare:
-        written += plot_comparison(runs, args.compare, normalized_final, args.out, args.reps)
     print("\n".join(f"wrote {path}" for path in written))
     print("\n\n".join(tables))
 
 
+MOVED = {  # the flags of a study's own analysis, moved beside the study: the old spelling names the new command
+    "--compare": "python -m utils.results.ten_seeds.analysis",
+    "--random": "python -m utils.results.ten_seeds.analysis",
+    "--reps": "python -m utils.results.ten_seeds.analysis",
+    "--workers": "python -m utils.results.ten_seeds.analysis",
+    "--choose": "python -m utils.results.screening.analysis",
+    "--sensitivity": "python -m utils.results.screening.analysis",
+}
+
 if __name__ == "__main__":
     with one_line_errors():
+        if moved := next((arg for arg in sys.argv[1:] if arg in MOVED), None):
+            raise SystemExit(f"error: {moved} has moved beside its study: {MOVED[moved]} (the same arguments)")
         main(tyro.cli(Args))

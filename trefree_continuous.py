@@ -168,8 +168,7 @@ class RunningMeanStd:
         self.count = total
 
     def state_dict(self) -> dict[str, Tensor]:
-        count = torch.tensor(self.count, dtype=torch.float64)
-        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": count}
+        return {name: torch.as_tensor(np.asarray(getattr(self, name), np.float64)) for name in ("mean", "var", "count")}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
@@ -454,6 +453,8 @@ def train(args: Args) -> dict[str, float]:
         run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
         run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
         wandb.init(**run, sync_tensorboard=True)
+    while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
+        time.sleep(0.1)  # in name order, and named by the second: the resumed run's must come after those it purges
     writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops what followed
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -480,8 +481,7 @@ def train(args: Args) -> dict[str, float]:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
-    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README, Speed): by default, only a run that long,
-    # counted over the whole run, so that a resumed run goes on as it began.
+    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README): by default only a run that long, all of it.
     long_run = num_iterations * args.update_epochs * args.num_minibatches >= 25_000
     train_step = compiled(minibatch_step, device) if (long_run if args.compile is None else args.compile) else minibatch_step
     # On resume the statistics already hold the observation the run would have continued from: not counted twice.

@@ -31,35 +31,29 @@ def test_evaluation_rebuilds_the_policy_with_the_training_statistics_frozen(algo
     path = os.path.join(run_dir, f"{algo.__name__}.pt")
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["global_step"] == 4096 and checkpoint["iteration"] == 4
-    # the script's own agent and normalizer, loaded from the checkpoint, are the reference
-    agent = algo.Agent(4, 1)
-    agent.load_state_dict(checkpoint["model"])
-    normalizer = algo.Normalizer(4, 1, 0.99)
-    normalizer.load_state_dict(checkpoint["normalizer"])
-    policy = evaluation.Policy(checkpoint)
-    np.testing.assert_array_equal(policy.obs_mean, normalizer.obs_rms.mean)
-    np.testing.assert_array_equal(policy.obs_var, normalizer.obs_rms.var)
-    obs = np.random.default_rng(0).normal(size=(5, 4)) * 3
-    np.testing.assert_allclose(policy.normalize(obs), normalizer.obs(obs, update=False), rtol=1e-6)
-    with torch.no_grad():
-        expected = agent.actor_mean(torch.from_numpy(normalizer.obs(obs, update=False))).numpy()
-    np.testing.assert_allclose(policy.mean_action(obs), expected, rtol=1e-5, atol=1e-6)
+    # the policy is rebuilt by the script that wrote the checkpoint: its own Agent and Normalizer, with the saved state
+    agent, normalizer = evaluation.load_policy(checkpoint)
+    assert type(agent) is algo.Agent and type(normalizer) is algo.Normalizer
+    assert all(torch.equal(agent.state_dict()[k], v) for k, v in checkpoint["model"].items())
+    np.testing.assert_array_equal(normalizer.obs_rms.mean, checkpoint["normalizer"]["obs_rms"]["mean"].numpy())
+    np.testing.assert_array_equal(normalizer.obs_rms.var, checkpoint["normalizer"]["obs_rms"]["var"].numpy())
 
-    # Frozen: the statistics that the evaluation's own normalization reads, before and after every episode.
+    # Frozen: every observation of the evaluation is normalized with update=False, by the statistics of the checkpoint.
     seen = []
-    normalize = evaluation.Policy.normalize
+    obs = algo.Normalizer.obs
 
-    def spy(self, obs):
-        seen.append((self.obs_mean.copy(), self.obs_var.copy()))
-        return normalize(self, obs)
+    def spy(self, x, update=True):
+        seen.append((update, self.obs_rms.mean.copy(), self.obs_rms.var.copy()))
+        return obs(self, x, update)
 
-    evaluation.Policy.normalize = spy
+    algo.Normalizer.obs = spy
     try:
         returns = evaluation.evaluate(path, episodes=3)
     finally:
-        evaluation.Policy.normalize = normalize
+        algo.Normalizer.obs = obs
     assert len(returns) == 3 and len(seen) >= 3
-    for mean, var in seen:
+    for update, mean, var in seen:
+        assert update is False
         np.testing.assert_array_equal(mean, normalizer.obs_rms.mean)
         np.testing.assert_array_equal(var, normalizer.obs_rms.var)
     assert len(read_scalars(run_dir)["eval/episodic_return"]) == 10  # the script evaluated its final checkpoint

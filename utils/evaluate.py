@@ -3,17 +3,18 @@
     python -m utils.evaluate runs/<run>/<exp_name>.pt [--episodes 10] [--env-id ...] [--capture-video] [--stochastic]
     python -m utils.evaluate --random-policy --env-id Hopper-v5 [--episodes 10] [--csv random.csv]
 
-The policy is rebuilt from the checkpoint alone, whichever of the three scripts wrote it: the actor's
-tanh MLP from the saved weights, the observation statistics applied frozen. It acts with the mean action
-(`--stochastic` samples from the Gaussian instead) and prints each episode's raw return and their
-mean and standard deviation. `--random-policy` evaluates a uniformly random policy instead (actions drawn uniformly
-within the action bounds, the action space seeded with --seed): the reference for normalized scores. `--csv` also
-appends each episode's return to a CSV file (env_id, policy, episode, return).
+The policy is rebuilt by the script that wrote the checkpoint (its `algo`, next to `utils/`): that script's `Agent`
+with the saved weights and its `Normalizer` with the saved statistics, applied frozen, so each algorithm has one
+actor. It acts with the mean action (`--stochastic` samples from the Gaussian instead) and prints each episode's
+raw return and their mean and standard deviation. `--random-policy` evaluates a uniformly random policy instead
+(actions drawn uniformly within the action bounds, the action space seeded with --seed): the reference for
+normalized scores. `--csv` also appends each episode's return to a CSV file (env_id, policy, episode, return).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the training scripts are
 
 
 @dataclass
@@ -44,35 +47,6 @@ class Args:
     """also append each episode's return to this CSV file (env_id, policy, episode, return)"""
 
 
-class Policy:
-    """The policy of a checkpoint: observation normalization with the training statistics, frozen, then
-    the actor's MLP (linear layers with tanh between them) and the state-independent log-std."""
-
-    def __init__(self, checkpoint: dict):
-        model, obs_rms = checkpoint["model"], checkpoint["normalizer"]["obs_rms"]
-        layer_ids = sorted({int(key.split(".")[1]) for key in model if key.startswith("actor_mean.")})
-        self.layers = [(model[f"actor_mean.{i}.weight"], model[f"actor_mean.{i}.bias"]) for i in layer_ids]
-        self.log_std = model["actor_logstd"]
-        self.obs_mean, self.obs_var = obs_rms["mean"].numpy(), obs_rms["var"].numpy()
-        self.clip, self.epsilon = checkpoint["normalizer"]["clip"], checkpoint["normalizer"]["epsilon"]
-
-    def normalize(self, obs: np.ndarray) -> np.ndarray:
-        return np.clip((obs - self.obs_mean) / np.sqrt(self.obs_var + self.epsilon), -self.clip, self.clip).astype(np.float32)
-
-    @torch.no_grad()
-    def mean_action(self, obs: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(self.normalize(obs))
-        for i, (weight, bias) in enumerate(self.layers):
-            x = x @ weight.T + bias
-            x = torch.tanh(x) if i < len(self.layers) - 1 else x
-        return x.numpy()
-
-    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """The mean action, or a sample of the Gaussian policy when `rng` is given."""
-        mean = self.mean_action(obs)
-        return mean if rng is None else mean + self.log_std.exp().numpy() * rng.standard_normal(mean.shape).astype(np.float32)
-
-
 def load_checkpoint(path: str) -> dict:
     """The checkpoint at `path`, or ValueError with a one-line reason."""
     try:
@@ -86,6 +60,22 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def load_policy(checkpoint: dict) -> tuple:
+    """The checkpoint's `Agent` and `Normalizer`, of the script that wrote it (imported from next to `utils/`)."""
+    if ROOT not in sys.path:
+        sys.path.append(ROOT)
+    try:
+        script = importlib.import_module(checkpoint["algo"])
+    except ImportError:
+        raise ValueError(f"the checkpoint was written by {checkpoint['algo']}.py, which is not next to utils/") from None
+    state = checkpoint["normalizer"]
+    obs_dim, act_dim = state["obs_rms"]["mean"].shape[0], checkpoint["model"]["actor_logstd"].shape[0]
+    agent, normalizer = script.Agent(obs_dim, act_dim), script.Normalizer(obs_dim, 1, 0.99, state["clip"], state["epsilon"])
+    agent.load_state_dict(checkpoint["model"])
+    normalizer.load_state_dict(state)
+    return agent, normalizer
+
+
 def evaluate(
     path: str,
     episodes: int = 10,
@@ -96,7 +86,8 @@ def evaluate(
 ) -> list[float]:
     """Run the checkpoint's policy for `episodes` episodes; returns their raw returns."""
     checkpoint = load_checkpoint(path)
-    policy = Policy(checkpoint)
+    agent, normalizer = load_policy(checkpoint)
+    obs_shape, sigma = normalizer.obs_rms.mean.shape, agent.actor_logstd.detach().exp().numpy()
     env_id = env_id or checkpoint["args"]["env_id"]
     env_kwargs = checkpoint.get("env_kwargs", {})  # the training environment's `gym.make` keyword arguments
     if capture_video:
@@ -106,10 +97,8 @@ def evaluate(
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, name_prefix="eval")
     else:
         env = gym.make(env_id, **env_kwargs)
-    if env.observation_space.shape != policy.obs_mean.shape:
-        raise ValueError(
-            f"{env_id} has observations of shape {env.observation_space.shape}; the policy takes {policy.obs_mean.shape}"
-        )
+    if env.observation_space.shape != obs_shape:
+        raise ValueError(f"{env_id} has observations of shape {env.observation_space.shape}; the policy takes {obs_shape}")
     rng = np.random.default_rng(seed) if stochastic else None
     low, high = env.action_space.low, env.action_space.high
     returns = []
@@ -117,7 +106,9 @@ def evaluate(
         obs, _ = env.reset(seed=seed + episode)
         done, episodic_return = False, 0.0
         while not done:
-            action = policy.act(obs[None], rng)[0]
+            with torch.no_grad():  # the mean action, with the training statistics frozen; or a sample of the policy
+                action = agent.actor_mean(torch.from_numpy(normalizer.obs(obs[None], update=False))).numpy()[0]
+            action = action if rng is None else action + sigma * rng.standard_normal(action.shape).astype(np.float32)
             obs, reward, terminated, truncated, _ = env.step(np.clip(action, low, high))
             episodic_return += float(reward)
             done = terminated or truncated

@@ -12,6 +12,7 @@ from utils import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-steps", "1024", "--no-compile"]  # tiny jobs: compiling would take longer than training
+RANDOM = "utils.results.ten_seeds.random_returns"  # the random policy's returns, beside the study that normalizes by them
 
 
 def _args(tmp_path, **kwargs):
@@ -238,12 +239,14 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
             "error: trpo_continuous --no-compile ran one iteration in --steps 1024; the steady speed needs two or more",
         ),
         (["utils.evaluate", "--episodes", "0", "x.pt"], "error: --episodes must be at least 1"),
-        (["utils.evaluate", "--random-policy"], "error: --random-policy needs --env-id"),
         (
-            ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "nope/random.csv"],
-            "error: --csv nope/random.csv: cannot write in ",
+            ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5"],
+            "error: --random-policy has moved beside its study: python -m " + RANDOM,
         ),
-        (["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "."], "error: --csv . is not a file"),
+        ([RANDOM, "--env-id", "Hopper-v5", "--episodes", "0"], "error: --episodes must be at least 1"),
+        ([RANDOM, "--env-id", "Nope-v0"], "error: cannot make environment 'Nope-v0'"),
+        ([RANDOM, "--env-id", "Hopper-v5", "--csv", "nope/random.csv"], "error: --csv nope/random.csv: cannot write in "),
+        ([RANDOM, "--env-id", "Hopper-v5", "--csv", "."], "error: --csv . is not a file"),
     ],
 )
 def test_utils_commands_refuse_bad_input_with_one_line_and_exit_code_2(tmp_path, argv, message):
@@ -254,10 +257,10 @@ def test_utils_commands_refuse_bad_input_with_one_line_and_exit_code_2(tmp_path,
     assert os.listdir(tmp_path) == []  # nothing written
 
 
-def test_evaluate_refuses_to_append_to_a_csv_of_other_columns_before_the_episodes(tmp_path):
+def test_random_returns_refuse_to_append_to_a_csv_of_other_columns_before_the_episodes(tmp_path):
     (tmp_path / "runs.csv").write_text("env_id,exp_name,seed,kind,step,value,value2\n")
     env = os.environ | {"PYTHONPATH": ROOT}
-    argv = ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "runs.csv"]
+    argv = [RANDOM, "--env-id", "Hopper-v5", "--csv", "runs.csv"]
     result = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert result.stderr.startswith(
@@ -266,7 +269,7 @@ def test_evaluate_refuses_to_append_to_a_csv_of_other_columns_before_the_episode
     assert (tmp_path / "runs.csv").read_text() == "env_id,exp_name,seed,kind,step,value,value2\n"
     # an empty file takes the header and the returns
     (tmp_path / "empty.csv").write_text("")
-    argv = ["utils.evaluate", "--random-policy", "--env-id", "Hopper-v5", "--csv", "empty.csv", "--episodes", "2"]
+    argv = [RANDOM, "--env-id", "Hopper-v5", "--csv", "empty.csv", "--episodes", "2"]
     result = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = (tmp_path / "empty.csv").read_text().splitlines()

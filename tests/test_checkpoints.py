@@ -32,7 +32,7 @@ def test_evaluation_rebuilds_the_policy_with_the_training_statistics_frozen(algo
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["global_step"] == 4096 and checkpoint["iteration"] == 4
     # the policy is rebuilt by the script that wrote the checkpoint: its own Agent and Normalizer, with the saved state
-    agent, normalizer = evaluation.load_policy(checkpoint)
+    _, agent, normalizer = evaluation.load_policy(path)
     assert type(agent) is algo.Agent and type(normalizer) is algo.Normalizer
     assert all(torch.equal(agent.state_dict()[k], v) for k, v in checkpoint["model"].items())
     np.testing.assert_array_equal(normalizer.obs_rms.mean, checkpoint["normalizer"]["obs_rms"]["mean"].numpy())

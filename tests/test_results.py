@@ -36,10 +36,10 @@ def test_normalized_scores_and_their_iqm_against_hand_computed_values():
     ]
     runs += [_run("A-v5", "x", s, 100.0 * s) for s in (1, 2, 3, 4)] + [_run("B-v5", "x", s, 2.0 * s) for s in (1, 2, 3, 4)]
     runs += [_run("A-v5", "only_a", 1, 50.0)]  # not on every environment: left out of the aggregate
-    scores = plot.normalized_scores(runs, "ref")
+    scores = screening.normalized_scores(runs, "ref")
     np.testing.assert_allclose(scores["x"]["A-v5"], [0.5, 1.0, 1.5, 2.0])  # / mean(100, 300)
     np.testing.assert_allclose(scores["x"]["B-v5"], [0.1, 0.2, 0.3, 0.4])  # / mean(10, 30)
-    table = plot.aggregate_table(runs, "ref", reps=2000).splitlines()
+    table = screening.aggregate_table(runs, "ref", reps=2000).splitlines()
     rows = {line.split(" | ")[0].strip("| "): line for line in table if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"algorithm", "x", "ref"}
     # x: the mean over environments of (1.25, 0.25) = 0.75; IQM = mean of the middle half of the 8 scores,
@@ -51,7 +51,7 @@ def test_normalized_scores_and_their_iqm_against_hand_computed_values():
 
 def test_a_reference_without_a_positive_mean_cannot_normalize():
     with pytest.raises(SystemExit, match="mean final return <= 0"):
-        plot.normalized_scores([_run("A-v5", "ref", 1, -5.0)], "ref")
+        screening.normalized_scores([_run("A-v5", "ref", 1, -5.0)], "ref")
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_curves_against_iterations_read_the_iteration_ends_and_survive_the_csv(t
     np.testing.assert_array_equal(run.iterations, [[1000, 1], [3000, 2], [6000, 3]])
     plot.export_runs([run], str(tmp_path / "results" / "runs.csv"))
     np.testing.assert_array_equal(plot.load_runs(str(tmp_path / "results"))[0].iterations, run.iterations)
-    curves, _ = plot.plot([run], str(tmp_path / "curves.png"), x="iterations")
+    (curves,) = plot.plot([run], str(tmp_path / "curves.png"), x="iterations")  # no ratios logged: no ratio figure
     assert open(curves, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -273,10 +273,11 @@ TEN_SEEDS, SCREENING = "utils.results.ten_seeds.analysis", "utils.results.screen
 @pytest.mark.parametrize(
     "command, flags, message",
     [
-        ("utils.plot", ["--reference", "nope"], "error: no runs of --reference nope under results"),
+        (SCREENING, ["--reference", "nope"], "error: no runs of --reference nope under results"),
         (TEN_SEEDS, ["--compare", "b", "nope", "--random", "random.csv"], "error: no runs of --compare nope under results"),
         (SCREENING, ["--choose", "delta"], "error: --choose needs --reference"),
-        ("utils.plot", ["--reference", "a"], "error: a has a mean final return <= 0 on some environment; it cannot normalize"),
+        (SCREENING, ["--reference", "a"], "error: a has a mean final return <= 0 on some environment; it cannot normalize"),
+        ("utils.plot", ["--reference", "a"], "error: --reference has moved beside its study: python -m " + SCREENING),
         (
             TEN_SEEDS,
             ["--compare", "b", "a", "--random", "random.csv"],

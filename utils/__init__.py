@@ -1,4 +1,1 @@
-"""Helpers around the three training scripts: evaluation, plots, benchmarks, reading logs.
-
-Nothing algorithmic lives here; each `*_continuous.py` script trains without this package.
-"""
+"""Helpers around the three training scripts: evaluation, plots, sweeps, speed, logs. Each script trains without them."""

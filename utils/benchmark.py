@@ -4,25 +4,14 @@
         [--grid delta=0.03,0.1] [--total-timesteps N] [--launcher local|slurm] [--workers N] [--out-dir benchmark]
         [--skip-runs-in results.csv] [--dry-run] [-- extra args]
 
-A job is one run of `<algo>_continuous.py` in its own process, with one torch thread, `--save-model`
-and a checkpoint every `--checkpoint-interval` iterations; its run directory goes to `<out-dir>/runs/`
-and its output to `<out-dir>/logs/<job>.log`. Arguments after `--` go to every script. `--grid`
-sweeps script flags too (`ALGO:FLAG=...` for one algorithm's jobs only): one job per combination of
-their values, named by its exp_name, the script's
-name followed by `_<flag><value>` per flag (`trefree_continuous_delta0.1`), then `_<tag>` with `--tag`.
-
-The sweep is resumable: a job that finished (a marker in `<out-dir>/done/`, or a run already in a CSV
-file of `--skip-runs-in`, as `utils.plot --export` writes them) is skipped, and a job that was
-interrupted continues from its checkpoint with `--resume`. Each script's own parsing and checks run on its jobs'
-arguments before any job starts, so that a typo or a refused value stops the sweep at once, with one error line.
-A job that fails during its run is reported with its command and the end of its log and does not stop the others.
-When the jobs are done, `utils.plot` draws the sweep's figures into `<out-dir>/` and prints the table of final returns.
+A job is one run of `<algo>_continuous.py` in its own process (one torch thread, `--save-model`, a checkpoint every
+`--checkpoint-interval` iterations), in `<out-dir>/runs/` with its output in `<out-dir>/logs/`; arguments after `--` go
+to every job. The sweep is resumable: a finished job (its marker in `<out-dir>/done/`, or a run in a `--skip-runs-in`
+CSV) is skipped, an interrupted one continues from its checkpoint. Every job's command line passes its script's checks
+before any job starts; a job that fails later is reported, and the others go on. `utils.plot` draws the sweep at the end.
 """
 
-from __future__ import annotations
-
 import contextlib
-import csv
 import glob
 import importlib
 import io
@@ -36,53 +25,36 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Literal
 
+import pandas as pd
 import tyro
 
 from utils.logs import one_line_errors, reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGOS = ("trefree", "ppo", "trpo")
 
 
 @dataclass
 class Args:
-    algos: tuple[Literal["trefree", "ppo", "trpo"], ...] = ("trefree", "ppo", "trpo")
-    """the algorithms: `<algo>_continuous.py` with its default (paper) hyper-parameters"""
-    env_ids: tuple[str, ...] = ("HalfCheetah-v5",)
-    """the environments"""
-    seeds: tuple[int, ...] = (1, 2, 3)
-    """the seeds"""
-    grid: tuple[str, ...] = ()
-    """script flags to sweep, as [ALGO:]FLAG=V1,V2,... (`delta=0.03,0.1`, `ppo:clip-coef=0.3`): one job per combination"""
-    total_timesteps: int | None = None
-    """environment steps per run (default: each script's own, 1M)"""
-    launcher: Literal["local", "slurm"] = "local"
-    """run the jobs as processes on this machine, or as a SLURM job array through submitit"""
-    workers: int = os.cpu_count() or 1
-    """local: the number of jobs at a time; slurm: the array's parallelism"""
-    out_dir: str = "benchmark"
-    """where the runs, logs, markers and figures of the sweep go"""
-    checkpoint_interval: int = 20
-    """each job writes a checkpoint every this many iterations, from which an interrupted sweep continues"""
-    tag: str | None = None
-    """a suffix of every job's exp_name (`_<tag>`), to tell this sweep's runs from others (e.g. `nocfrc`)"""
-    skip_runs_in: tuple[str, ...] = ()
-    """CSV files of finished runs (`utils.plot --export`): their (environment, exp_name, seed) are not run again"""
-    dry_run: bool = False
-    """print the jobs and their commands without running them"""
-    track: bool = False
-    """pass --track to every job: each run goes to Weights & Biases (with the two flags below)"""
-    wandb_project_name: str | None = None
-    """with --track: the W&B project of every job (default: the scripts' own)"""
-    wandb_entity: str | None = None
-    """with --track: the W&B entity of every job"""
-    slurm_partition: str | None = None
-    """SLURM partition (default: the cluster's)"""
-    slurm_time: int = 240
-    """SLURM time limit of each job, in minutes"""
-    slurm_cpus_per_task: int = 1
-    """SLURM CPUs per job"""
-    slurm_gpus_per_task: int = 0
-    """SLURM GPUs per job"""
+    algos: tuple[Literal["trefree", "ppo", "trpo"], ...] = ALGOS  # each runs `<algo>_continuous.py` with its (paper) defaults
+    env_ids: tuple[str, ...] = ("HalfCheetah-v5",)  # the environments
+    seeds: tuple[int, ...] = (1, 2, 3)  # the seeds
+    grid: tuple[str, ...] = ()  # script flags to sweep, [ALGO:]FLAG=V1,V2,... (`delta=0.03,0.1`): a job per combination
+    total_timesteps: int | None = None  # environment steps per run (default: each script's own, 1M)
+    launcher: Literal["local", "slurm"] = "local"  # processes on this machine, or a SLURM job array (submitit)
+    workers: int = os.cpu_count() or 1  # local: the number of jobs at a time; slurm: the array's parallelism
+    out_dir: str = "benchmark"  # where the runs, logs, markers and figures of the sweep go
+    checkpoint_interval: int = 20  # a checkpoint every this many iterations, from which an interrupted job continues
+    tag: str | None = None  # a suffix `_<tag>` of every exp_name, to tell this sweep's runs from others (`nocfrc`)
+    skip_runs_in: tuple[str, ...] = ()  # CSV files of `utils.plot --export`: their runs are not run again
+    dry_run: bool = False  # print the jobs and their commands without running them
+    track: bool = False  # pass --track to every job: each run goes to Weights & Biases (with the two flags below)
+    wandb_project_name: str | None = None  # with --track: the W&B project of every job (default: the scripts' own)
+    wandb_entity: str | None = None  # with --track: the W&B entity of every job
+    slurm_partition: str | None = None  # SLURM partition (default: the cluster's)
+    slurm_time: int = 240  # SLURM time limit of each job, in minutes
+    slurm_cpus_per_task: int = 1  # SLURM CPUs per job
+    slurm_gpus_per_task: int = 0  # SLURM GPUs per job
 
 
 @dataclass(frozen=True)
@@ -94,12 +66,8 @@ class Job:
     tag: str | None = None
 
     @property
-    def script(self) -> str:
-        return f"{self.algo}_continuous"
-
-    @property
     def exp_name(self) -> str:
-        return self.script + "".join(f"_{flag}{value}" for flag, value in self.flags) + (f"_{self.tag}" if self.tag else "")
+        return f"{self.algo}_continuous" + "".join(f"_{f}{v}" for f, v in self.flags) + (f"_{self.tag}" if self.tag else "")
 
     @property
     def name(self) -> str:
@@ -113,24 +81,21 @@ def parse_grid(grid: tuple[str, ...], algo: str) -> list[tuple[tuple[str, str], 
     axes = []
     for item in grid:
         only, colon, rest = item.partition(":")
-        if colon and only != algo:
-            continue
+        if colon and only not in ALGOS:
+            raise SystemExit(f"error: --grid names an unknown algorithm: {only} (trefree, ppo or trpo)")
         flag, _, values = (rest if colon else item).partition("=")
         flag = flag.removeprefix("--")
         if not flag or not values or any(not v for v in values.split(",")):
             raise SystemExit(f"error: --grid takes [ALGO:]FLAG=V1,V2,... (e.g. delta=0.03,0.1), not '{item}'")
         if flag in ("env-id", "seed", "exp-name", "resume"):
             raise SystemExit(f"error: --grid cannot sweep --{flag}; it is set by the runner")
-        axes.append([(flag, value) for value in values.split(",")])
+        axes += [[(flag, value) for value in values.split(",")]] if only == algo or not colon else []
     return list(itertools.product(*axes))
 
 
 def make_jobs(args: Args) -> list[Job]:
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9.=-]+", args.tag):
         raise SystemExit(f"error: --tag takes letters, digits, '.', '=' and '-', not '{args.tag}'")
-    unknown = {item.partition(":")[0] for item in args.grid if ":" in item} - {"trefree", "ppo", "trpo"}
-    if unknown:
-        raise SystemExit(f"error: --grid names an unknown algorithm: {', '.join(sorted(unknown))} (trefree, ppo or trpo)")
     return [
         Job(algo, env_id, seed, flags, args.tag)
         for env_id in args.env_ids
@@ -141,89 +106,57 @@ def make_jobs(args: Args) -> list[Job]:
 
 
 def runs_in_csv(paths: tuple[str, ...]) -> set[str]:
-    """The names (`<env>__<exp_name>__<seed>`) of the finished runs in CSV files written by `utils.plot --export`."""
+    """The names (`<env>__<exp_name>__<seed>`) of the finished runs (a `final` row) in CSV files of `utils.plot --export`."""
     names = set()
     for path in paths:
         try:
-            with open(path, newline="") as f:
-                names |= {f"{r['env_id']}__{r['exp_name']}__{r['seed']}" for r in csv.DictReader(f) if r["kind"] == "final"}
-        except (OSError, KeyError):
+            runs = pd.read_csv(path, dtype=str).query("kind == 'final'")
+        except (OSError, ValueError, AttributeError, pd.errors.UndefinedVariableError):
             raise SystemExit(f"error: '{path}' is not a CSV file of runs written by utils.plot --export") from None
+        names |= set(runs.env_id + "__" + runs.exp_name + "__" + runs.seed)
     return names
 
 
-def is_done(job: Job, out_dir: str) -> bool:
-    return os.path.exists(os.path.join(out_dir, "done", job.name))
-
-
-def latest_checkpoint(job: Job, out_dir: str) -> str | None:
-    """The checkpoint of the job's most recent run, if it wrote one."""
-    runs = sorted(glob.glob(os.path.join(out_dir, "runs", f"{job.name}__*")), key=lambda d: int(d.rsplit("__", 1)[1]))
-    path = os.path.join(runs[-1], f"{job.exp_name}.pt") if runs else None
-    return path if path and os.path.exists(path) else None
-
-
 def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[str]:
-    """The command that runs the job, or continues it from its checkpoint (with its saved arguments)."""
-    script = os.path.join(ROOT, f"{job.script}.py")
-    checkpoint = latest_checkpoint(job, out_dir)
-    if checkpoint is not None:
+    """The command that runs the job, or continues it from the checkpoint of its latest run (with its saved arguments)."""
+    script = os.path.join(ROOT, f"{job.algo}_continuous.py")
+    runs = sorted(glob.glob(os.path.join(out_dir, "runs", f"{job.name}__*")), key=lambda d: int(d.rsplit("__", 1)[1]))
+    if runs and os.path.exists(checkpoint := os.path.join(runs[-1], f"{job.exp_name}.pt")):
         # the run keeps its own arguments; those after `--` still reach it (a resumed run takes --cuda and --compile)
         return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir), *extra]
-    steps = ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
-    flags = [word for flag, value in job.flags for word in (f"--{flag}", value)]
-    tracking = ["--track"] * args.track + [
-        word
-        for flag, value in (("--wandb-project-name", args.wandb_project_name), ("--wandb-entity", args.wandb_entity))
-        if args.track and value
-        for word in (flag, value)
-    ]
-    return [
-        sys.executable,
-        script,
-        "--env-id",
-        job.env_id,
-        "--seed",
-        str(job.seed),
-        "--exp-name",
-        job.exp_name,
-        "--save-model",
-        "--checkpoint-interval",
-        str(args.checkpoint_interval),
-        *steps,
-        *tracking,
-        *flags,
-        *extra,
-    ]
+    flags = ["--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.exp_name, "--save-model"]
+    flags += ["--checkpoint-interval", str(args.checkpoint_interval)]
+    flags += ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
+    flags += ["--track"] * args.track
+    for flag, value in (("--wandb-project-name", args.wandb_project_name), ("--wandb-entity", args.wandb_entity)):
+        flags += [flag, value] if args.track and value else []
+    return [sys.executable, script, *flags, *(word for flag, value in job.flags for word in (f"--{flag}", value)), *extra]
 
 
-def check_jobs(jobs: list[Job], commands: dict[str, list[str]], out_dir: str) -> None:
-    """Refuse the sweep before any job starts if a script would refuse a job's arguments (a typo after `--` or in
-    --grid, a value out of range, an unknown environment): each script's own parsing and checks, run here on each job's
-    command line as its `__main__` and `train` would, before they write anything. One error line names the first job."""
-    # in the jobs' folder: a resumed job names its checkpoint relative to it
-    with contextlib.chdir(out_dir) if os.path.isdir(out_dir) else contextlib.nullcontext():
-        for job in jobs:
-            module = importlib.import_module(job.script)  # no side effects on import
-            argv = commands[job.name][2:]
+def check_jobs(commands: dict[str, list[str]], out_dir: str) -> None:
+    """Refuse the sweep before any job starts if a script would refuse a job's command line (a typo after `--` or in
+    --grid, a value out of range, an unknown environment): the script's public `Args`, `start_run` and `check_run`, as
+    its `__main__` and `train` run them before they write anything. One error line names the first such job."""
+    with contextlib.chdir(out_dir) if os.path.isdir(out_dir) else contextlib.nullcontext():  # a resumed job's checkpoint
+        for name, command in commands.items():
+            script = importlib.import_module(os.path.basename(command[1]).removesuffix(".py"))  # no side effects on import
             messages = io.StringIO()  # tyro's framed message, the notes of a resumed run
-            with contextlib.redirect_stderr(messages):
-                try:
-                    module.check_run(module.start_run(tyro.cli(module.Args, args=argv))[0])
-                except SystemExit:  # tyro's refusal
-                    raise SystemExit(f"error: {job.name}: {reason(messages.getvalue())}") from None
-                except module.ArgsError as e:
-                    raise SystemExit(f"error: {job.name}: {e}") from None
+            try:
+                with contextlib.redirect_stderr(messages):
+                    script.check_run(script.start_run(tyro.cli(script.Args, args=command[2:]))[0])
+            except script.ArgsError as e:
+                raise SystemExit(f"error: {name}: {e}") from None
+            except SystemExit:  # tyro's refusal
+                raise SystemExit(f"error: {name}: {reason(messages.getvalue())}") from None
 
 
 def run_job(command: list[str], out_dir: str, name: str) -> None:
-    """Run one job to completion in `out_dir`, its output in `logs/<name>.log`; mark it done, or raise
-    RuntimeError with its command and the end of its log. Called locally, or on a SLURM node by submitit."""
+    """Run one job to completion in `out_dir`, its output in `logs/<name>.log`; mark it done, or raise RuntimeError with
+    its command and the end of its log. Called locally, or on a SLURM node by submitit."""
     log_path = os.path.join(out_dir, "logs", f"{name}.log")
     with open(log_path, "a") as log:
-        code = subprocess.run(
-            command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"}
-        ).returncode
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        code = subprocess.run(command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         with open(log_path, errors="replace") as log:
             tail = "".join(line.split("\r")[-1] for line in log.readlines()[-5:])
@@ -232,32 +165,27 @@ def run_job(command: list[str], out_dir: str, name: str) -> None:
 
 
 def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dict[str, str]:
-    """Run the jobs on this machine, `workers` at a time, with a progress line; returns failures by job name."""
-    failures, start = {}, time.time()
-    line, interactive = "", sys.stderr.isatty()  # in a log file, one line per change instead of a redrawn line
+    """Run the jobs on this machine, `workers` at a time (submitit's local executor would start them all at once), with
+    a progress line (in a log file, one line per change); returns the failures by job name."""
+    failures, start, line, interactive = {}, time.time(), "", sys.stderr.isatty()
     with ThreadPoolExecutor(workers) as pool:  # each thread waits on one job's process
         futures = {pool.submit(run_job, command, out_dir, name): name for name, command in commands.items()}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-            for future in finished:
-                if future.exception() is not None:
-                    failures[futures[future]] = str(future.exception())
-                    print(("\n" if interactive else "") + str(future.exception()), file=sys.stderr)  # off the progress line
-            done = len(futures) - len(pending)
-            running = sum(future.running() for future in pending)
-            left = (
-                f"~{(time.time() - start) / done * len(pending) / 60:.0f} min left"
-                if done
-                else "time left: after the first job"
-            )
-            waiting = len(pending) - running
+            for future in (future for future in finished if future.exception()):
+                failures[futures[future]] = str(future.exception())
+                print("\n" * interactive + failures[futures[future]], file=sys.stderr)
+            done, running = len(futures) - len(pending), sum(future.running() for future in pending)
+            waiting, minutes = len(pending) - running, (time.time() - start) / max(done, 1) * len(pending) / 60
+            left = f"~{minutes:.0f} min left" if done else "time left: after the first job"
             status = f"jobs: {done - len(failures)} done, {running} running, {len(failures)} failed, {waiting} waiting; {left}"
             if status != line:
+                print(
+                    f"\r{status}   " if interactive else status, end="" if interactive else "\n", file=sys.stderr, flush=True
+                )
                 line = status
-                print(f"\r{line}   " if interactive else line, end="" if interactive else "\n", file=sys.stderr, flush=True)
-    if interactive:
-        print(file=sys.stderr)
+    print("\n" * interactive, end="", file=sys.stderr)
     return failures
 
 
@@ -275,16 +203,13 @@ def make_executor(args: Args, out_dir: str, cluster: str = "slurm"):
 
 
 def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict[str, str]:
-    """Submit the jobs as one array and wait for them; returns failures by job name."""
+    """Submit the jobs as one array and wait for them; returns the failures by job name (the last line of each error)."""
     with executor.batch():
-        futures = {name: executor.submit(run_job, command, out_dir, name) for name, command in commands.items()}
-    failures = {}
-    for name, future in futures.items():
-        try:
-            future.result()
-        except Exception as e:  # submitit re-raises the job's error, wrapped
-            failures[name] = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            print(f"{name} failed: {failures[name]}", file=sys.stderr)
+        jobs = {name: executor.submit(run_job, command, out_dir, name) for name, command in commands.items()}
+    failures = {
+        name: (str(e).strip().splitlines() or [type(e).__name__])[-1] for name, job in jobs.items() if (e := job.exception())
+    }
+    print("".join(f"{name} failed: {why}\n" for name, why in failures.items()), end="", file=sys.stderr)
     return failures
 
 
@@ -297,18 +222,13 @@ def main(args: Args, extra: list[str]) -> int:
         raise SystemExit("error: --workers must be at least 1")
     if args.total_timesteps is not None and args.total_timesteps < 1:
         raise SystemExit("error: --total-timesteps must be at least 1 (or left out: each script's own)")
-    if args.checkpoint_interval < 0:
-        raise SystemExit("error: --checkpoint-interval must be 0 or positive")
-    out_dir = os.path.abspath(args.out_dir)
-    jobs = make_jobs(args)
-    in_csv = runs_in_csv(args.skip_runs_in)
-    todo = [job for job in jobs if not is_done(job, out_dir) and job.name not in in_csv]
+    out_dir, jobs, in_csv = os.path.abspath(args.out_dir), make_jobs(args), runs_in_csv(args.skip_runs_in)
+    todo = [job for job in jobs if not os.path.exists(os.path.join(out_dir, "done", job.name)) and job.name not in in_csv]
     commands = {job.name: job_command(job, args, extra, out_dir) for job in todo}
-    check_jobs(todo, commands, out_dir)
+    check_jobs(commands, out_dir)
     print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run ({args.launcher})")
     if args.dry_run:
-        for name, command in commands.items():
-            print(f"{name}: (cd {out_dir} && {' '.join(command)})")
+        print("".join(f"{name}: (cd {out_dir} && {' '.join(command)})\n" for name, command in commands.items()), end="")
         return 0
     try:
         for sub in ("runs", "logs", "done"):
@@ -322,10 +242,8 @@ def main(args: Args, extra: list[str]) -> int:
     print(f"{len(todo) - len(failures)} jobs finished, {len(failures)} failed")
     from utils import plot
 
-    runs = plot.load_runs(os.path.join(out_dir, "runs"))
-    if runs:
-        for path in plot.plot(runs, os.path.join(out_dir, "curves.png")):
-            print(f"wrote {path}")
+    if runs := plot.load_runs(os.path.join(out_dir, "runs")):
+        print("".join(f"wrote {path}\n" for path in plot.plot(runs, os.path.join(out_dir, "curves.png"))), end="")
         print(plot.final_returns_table(runs))
     return 1 if failures else 0
 

@@ -1,7 +1,5 @@
 """Reading what the training scripts write: their TensorBoard logs and their error messages."""
 
-from __future__ import annotations
-
 import contextlib
 import glob
 import logging
@@ -13,14 +11,11 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the run in `run_dir`, as tag -> [(step, value), ...] in the order written."""
-    # A resumed run's log starts with a purge marker, and TensorBoard warns that it drops the scalars
-    # written after the checkpoint ("out of order event.step ... TensorFlow restart"): that is the intent.
-    logging.getLogger("tensorboard").setLevel(logging.ERROR)
+    """Every scalar of the run in `run_dir`, as tag -> [(step, value), ...] in the order written (a resumed run's purge
+    marker drops those written after its checkpoint, as intended), or ValueError for a corrupt event file."""
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # not its warning about the purged scalars
     for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
-        # Every event file starts with its version record; a file with no readable record is corrupt (TensorBoard would
-        # skip it in silence). A file cut short by a crash keeps the records written before, and is read as they are.
-        if next(iter(EventFileLoader(path).Load()), None) is None:
+        if next(iter(EventFileLoader(path).Load()), None) is None:  # TensorBoard would skip it in silence
             raise ValueError(f"the event file {path} is corrupt: no record in it can be read")
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every event
     accumulator.Reload()
@@ -29,8 +24,7 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """For a `utils` command's `__main__`: a `SystemExit("error: ...")` raised for bad input leaves with exit code 2, as
-    the training scripts do (Python's own exit code for a message is 1); other exits pass through."""
+    """A `SystemExit("error: ...")` leaves with exit code 2, as in the training scripts (Python's own code is 1)."""
     try:
         yield
     except SystemExit as e:
@@ -41,9 +35,7 @@ def one_line_errors():
 
 
 def reason(stderr: str) -> str:
-    """The line of a script's stderr that says why it stopped: its `error:` line, else the first line of tyro's framed
-    message that names the problem."""
-    lines = [line.strip("│╭╮╰╯─ ") for line in stderr.splitlines()]
-    lines = [line for line in lines if line]
+    """Why a script stopped: its `error:` line, else the first line of tyro's framed message that names the problem."""
+    lines = [line for line in (line.strip("│╭╮╰╯─ ") for line in stderr.splitlines()) if line]
     error = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
     return error or next((line for line in lines if ":" in line), lines[0] if lines else "no message")

@@ -3,16 +3,11 @@
     python -m utils.speed --env-id HalfCheetah-v5 --steps 40960
     python -m utils.speed --env-id Hopper-v5 --scripts trpo_continuous "trpo_continuous --sampling vine"
 
-Environment-only: one `gym.make` environment stepped with `action_space.sample()`, reset at episode
-ends, measured just before and just after each training run (the mean is the reference). Training: each script run as
-its own process with its default hyper-parameters (and any flags given) and one torch thread. Its SPS is the steady
-speed after the first iteration, whose update holds the compilation of the minibatch step (with `--compile`):
-(steps of iterations 2..n) / (their wall time), from the logged `charts/SPS`. The rollout and update times per
-iteration are the medians of `perf/rollout_time` and `perf/update_time`; "compile s" is the first iteration's update
-time less the median (about 0 with --no-compile).
+Each script runs as its own process (its defaults, any flags given, one torch thread). Its SPS is the steady speed after
+the first iteration (whose update holds the compilation), from `charts/SPS`; rollout and update seconds are medians of
+`perf/rollout_time` and `perf/update_time`, "compile s" the first update's time less the median. Env-only: one environment
+stepped with `action_space.sample()` just before and just after each script (the mean is the reference).
 """
-
-from __future__ import annotations
 
 import glob
 import os
@@ -30,17 +25,16 @@ import tyro
 from utils.logs import one_line_errors, read_scalars, reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("ppo_continuous", "trefree_continuous", "trpo_continuous")
+SCRIPTS = tuple(s for s in ("ppo_continuous", "trefree_continuous", "trpo_continuous") if os.path.exists(f"{ROOT}/{s}.py"))
 
 
 @dataclass
 class Args:
-    env_id: str = "HalfCheetah-v5"
-    """the environment to measure"""
-    steps: int = 40960
-    """environment steps per measurement (a whole number of the scripts' batches)"""
-    scripts: tuple[str, ...] = tuple(s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, f"{s}.py")))
-    """the training scripts to measure, each optionally with flags (`"trpo_continuous --sampling vine"`)"""
+    env_id: str = "HalfCheetah-v5"  # the environment to measure
+    steps: int = 40960  # environment steps per measurement (a whole number of the scripts' batches)
+    scripts: tuple[str, ...] = (
+        SCRIPTS  # the training scripts to measure, each maybe with flags (`"trpo_continuous --sampling vine"`)
+    )
 
 
 def env_only_sps(env_id: str, steps: int, seed: int = 0) -> float:
@@ -57,9 +51,9 @@ def env_only_sps(env_id: str, steps: int, seed: int = 0) -> float:
     return steps / elapsed
 
 
-def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
-    """Run `script` (a script's name, then any flags) for `steps` steps in a temporary folder; its SPS and
-    seconds per rollout and update."""
+def training_speed(script: str, env_id: str, steps: int) -> tuple[float, float, float, float]:
+    """Run `script` (its name, then any flags) for `steps` steps in a temporary folder: its SPS, seconds per rollout and
+    per update, and the first update's extra seconds (compilation)."""
     name, *flags = shlex.split(script)
     with tempfile.TemporaryDirectory() as folder:
         cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--env-id", env_id, "--total-timesteps", str(steps), *flags]
@@ -67,46 +61,35 @@ def training_speed(script: str, env_id: str, steps: int) -> dict[str, float]:
         result = subprocess.run(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0:
             raise SystemExit(f"error: {script} stopped with exit code {result.returncode}: {reason(result.stderr)}")
-        scalars = read_scalars(glob.glob(os.path.join(folder, "runs", "*"))[0])
+        scalars = {tag: np.array(values) for tag, values in read_scalars(glob.glob(f"{folder}/runs/*")[0]).items()}
     if len(scalars["charts/SPS"]) < 2:
         raise SystemExit(f"error: {script} ran one iteration in --steps {steps}; the steady speed needs two or more")
-    (first_step, first_sps), (last_step, last_sps) = scalars["charts/SPS"][0], scalars["charts/SPS"][-1]
-    updates = [v for _, v in scalars["perf/update_time"]]
-    return {
-        "sps": (last_step - first_step) / (last_step / last_sps - first_step / first_sps),  # the run starts at step 0
-        "rollout_time": float(np.median([v for _, v in scalars["perf/rollout_time"]])),
-        "update_time": float(np.median(updates)),
-        "compile_time": updates[0] - float(np.median(updates)),
-    }
+    (first_step, first_sps), (last_step, last_sps) = scalars["charts/SPS"][[0, -1]]  # SPS at a step: step / seconds
+    sps = (last_step - first_step) / (last_step / last_sps - first_step / first_sps)  # iterations 2..n
+    rollout, update = np.median(scalars["perf/rollout_time"][:, 1]), np.median(updates := scalars["perf/update_time"][:, 1])
+    return float(sps), float(rollout), float(update), float(updates[0] - update)
 
 
 def main(args: Args) -> None:
     """Each script's SPS next to the mean of env-only measurements taken just before and just after it."""
     if args.steps < 1:
         raise SystemExit("error: --steps must be at least 1")
-    for script in args.scripts:
-        name = (shlex.split(script) or [""])[0]
+    for name in (shlex.split(script)[0] if script.strip() else "" for script in args.scripts):
         if not os.path.exists(os.path.join(ROOT, f"{name}.py")):
             raise SystemExit(f"error: no training script '{name}' (one of {', '.join(SCRIPTS)}, then any flags)")
     try:
-        gym.make(args.env_id).close()
-    except Exception as e:
-        raise SystemExit(
-            f"error: cannot make environment '{args.env_id}': {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
+        before = env_only_sps(args.env_id, args.steps)
+    except gym.error.Error as e:
+        raise SystemExit(f"error: cannot make environment '{args.env_id}': {str(e).splitlines()[0]}") from None
     print(f"{args.env_id}, {args.steps} steps per measurement\n")
     print("| script | SPS | env-only steps/s | % of env-only | rollout s/iter | update s/iter | compile s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    before = env_only_sps(args.env_id, args.steps)
     for script in args.scripts:
-        speed = training_speed(script, args.env_id, args.steps)
+        sps, rollout, update, compile_time = training_speed(script, args.env_id, args.steps)
         after = env_only_sps(args.env_id, args.steps)
         reference, before = (before + after) / 2, after
-        print(
-            f"| {script} | {speed['sps']:,.0f} | {reference:,.0f} | {100 * speed['sps'] / reference:.1f} | "
-            f"{speed['rollout_time']:.3f} | {speed['update_time']:.3f} | {speed['compile_time']:.1f} |",
-            flush=True,
-        )
+        row = f"| {script} | {sps:,.0f} | {reference:,.0f} | {100 * sps / reference:.1f} | {rollout:.3f} | {update:.3f} |"
+        print(f"{row} {compile_time:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

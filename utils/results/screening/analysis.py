@@ -1,5 +1,6 @@
-"""The screening's choice of δ and ε (utils/results/screening/README.md): the tables and figures of `utils.plot` with
-`--reference`, then, per swept flag, the value with the highest mean normalized score, and the sensitivity figure.
+"""The protocol's screening and three-seed stage (utils/results/screening/ and final/): the tables and figures of
+`utils.plot`, the final returns normalized by a reference algorithm's mean per environment with their mean and IQM
+(rliable), then, per swept flag, the value with the highest mean normalized score, and the sensitivity figure.
 
     python -m utils.results.screening.analysis utils/results/screening --out utils/results/screening/curves.png \
         --reference ppo_continuous_clip-coef0.2 --choose delta clip-coef --sensitivity delta clip-coef --ratios
@@ -22,13 +23,15 @@ import tyro
 
 from utils import plot as plots
 from utils.logs import one_line_errors
-from utils.plot import Run, aggregate_table, check_writable, final_returns_table, group, normalized_scores, select_runs
+from utils.plot import Run, check_writable, final_returns_table, group, select_runs
 
 
 @dataclass
 class Args:
     folders: tyro.conf.Positional[tuple[str, ...]]
     """the folders holding the runs (searched recursively): TensorBoard run directories and `--export` CSV files (or a file)"""
+    exp_names: tuple[str, ...] = ()
+    """keep only the runs whose exp_name matches one of these shell patterns (`trpo_continuous`, `ppo_*`)"""
     reference: str | None = None
     """normalize final returns by this exp_name's mean final return per environment; print the mean and the IQM (rliable)"""
     choose: tuple[str, ...] = ()
@@ -39,6 +42,52 @@ class Args:
     """the learning-curve figure; the ratio and sensitivity figures go next to it"""
     ratios: bool = False
     """also print the ratio ranges: median over updates of ln ratio/max and ln ratio/min, and their extremes"""
+
+
+def normalized_scores(runs: list[Run], reference: str) -> dict[str, dict[str, np.ndarray]]:
+    """exp_name -> env_id -> each seed's final return divided by `reference`'s mean final return on that env_id
+    (environments where the reference has no run are left out)."""
+    groups = group(runs)
+    scale = {
+        env_id: np.mean([run.final for run in algos[reference]]) for env_id, algos in groups.items() if reference in algos
+    }
+    if any(value <= 0 for value in scale.values()):
+        raise SystemExit(f"error: {reference} has a mean final return <= 0 on some environment; it cannot normalize")
+    scores = defaultdict(dict)
+    for env_id, algos in groups.items():
+        for exp_name, seeds in algos.items():
+            if env_id in scale:
+                scores[exp_name][env_id] = np.array([run.final for run in seeds]) / scale[env_id]
+    return scores
+
+
+def aggregate_table(runs: list[Run], reference: str, reps: int = 50_000, seed: int = 0) -> str:
+    """Markdown: per algorithm, the mean over environments of the mean normalized score, and the IQM of the
+    normalized scores over runs and environments with a 95 % stratified-bootstrap confidence interval (rliable).
+    Only algorithms with runs on every environment that the reference has are aggregated."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    scores = normalized_scores(runs, reference)
+    env_ids = sorted(scores[reference])
+    complete = {exp_name: by_env for exp_name, by_env in scores.items() if set(by_env) >= set(env_ids)}
+    means = {exp_name: np.mean([by_env[e].mean() for e in env_ids]) for exp_name, by_env in complete.items()}
+    # rliable takes a (runs, tasks) matrix per algorithm: the seeds that every environment has
+    matrices = {
+        name: np.stack([by[e][: min(len(by[e]) for e in env_ids)] for e in env_ids], 1) for name, by in complete.items()
+    }
+    np.random.seed(seed)  # rliable's bootstrap draws from numpy's global generator
+    iqm, ci = rly.get_interval_estimates(matrices, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
+    rows = [
+        f"Scores: final return / mean final return of {reference} on the same environment ({', '.join(env_ids)}).",
+        "",
+        "| algorithm | runs per environment | mean score over environments | IQM [95 % CI] |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in sorted(matrices, key=lambda name: -means[name]):
+        interval = f"{iqm[name][0]:.3f} [{ci[name][0, 0]:.3f}, {ci[name][1, 0]:.3f}]"
+        rows.append(f"| {name} | {matrices[name].shape[0]} | {means[name]:.3f} | {interval} |")
+    return "\n".join(rows)
 
 
 def choose(runs: list[Run], reference: str, flag: str) -> tuple[str, dict[str, float]]:
@@ -104,8 +153,8 @@ def plot_sensitivity(runs: list[Run], flags: tuple[str, ...], out: str) -> str:
 
 
 def main(args: Args) -> None:
-    runs = select_runs(args.folders)
-    where = ", ".join(args.folders)
+    runs = select_runs(args.folders, args.exp_names)
+    where = ", ".join(args.folders) + (f" matching {' '.join(args.exp_names)}" if args.exp_names else "")
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under {where}")
     if not args.reference:

@@ -143,8 +143,8 @@ def read_runs_csv(path: str) -> list[Run]:
         kinds = {kind: part[COLUMNS[4:]].to_numpy(float) for kind, part in rows.groupby("kind")}
         curve, ratios, iterations, binned = (kinds.get(k, np.zeros((0, 3))) for k in ("curve", "ratio", "iteration", "binned"))
         scalars = {kind: kinds[kind][0, 1] if kind in kinds else float("nan") for kind in SCALARS}
-        runs.append(Run(env_id, exp_name, int(seed), curve[:, :2], ratios, **scalars))
-        runs[-1].iterations, runs[-1].binned = iterations[:, :2], binned[:, :2]
+        points = dict(curve=curve[:, :2], ratios=ratios, iterations=iterations[:, :2], binned=binned[:, :2])
+        runs.append(Run(env_id, exp_name, int(seed), **points, **scalars))
     return runs
 
 

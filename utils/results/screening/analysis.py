@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from utils import plot as plots
 from utils.logs import one_line_errors
-from utils.plot import Run, check_writable, final_returns_table, group, select_runs
+from utils.plot import Run, check_writable, final_returns_table, group, plot, ratio_table, select_runs
 
 
 @dataclass
@@ -164,7 +163,7 @@ def main(args: Args) -> None:
     check_writable("--out", args.out)
 
     # Every table before any file: whatever refuses the input refuses it with nothing written.
-    tables = [final_returns_table(runs)] + ([plots.ratio_table(runs)] if args.ratios else [])
+    tables = [final_returns_table(runs)] + ([ratio_table(runs)] if args.ratios else [])
     tables.append(aggregate_table(runs, args.reference))
     for flag in args.choose:
         best, means = choose(runs, args.reference, flag)
@@ -174,7 +173,7 @@ def main(args: Args) -> None:
         )
         tables.append(f"chosen {flag}={grid_value(best, flag)[1]:g} ({best}), the highest mean normalized score ({others})")
 
-    written = list(plots.plot(runs, args.out))
+    written = list(plot(runs, args.out))
     if args.sensitivity:
         written.append(plot_sensitivity(runs, args.sensitivity, args.out))
     print("\n".join(f"wrote {path}" for path in written))

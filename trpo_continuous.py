@@ -12,20 +12,22 @@ gradient with a fixed step size instead of the KL constraint.
 """
 
 import ast
+import contextlib
 import copy
+import fcntl
 import hashlib
-import importlib.util
 import math
+import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Literal
 
 import gymnasium as gym
@@ -33,6 +35,7 @@ import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
+import typeguard
 import tyro
 from gymnasium.envs.mujoco import MujocoEnv
 from torch import Tensor
@@ -151,6 +154,8 @@ def make_envs(
     env_kwargs = env_kwargs or {}
 
     def make_env(idx: int) -> gym.Env:  # the first one records videos, with a `video_dir`
+        for signum in (signal.SIGINT, signal.SIGTERM) if multiprocessing.parent_process() else ():  # an async worker:
+            signal.signal(signum, signal.SIG_IGN)  # Ctrl-C to the process group is for the training process to handle
         if video_dir is None or idx > 0:
             return gym.make(env_id, **env_kwargs)
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
@@ -678,64 +683,93 @@ def explained_variance(values: Tensor, returns: Tensor) -> float:
 
 
 # Training -------------------------------------------------------------------------------------------------------------
-def train(args: Args) -> dict[str, float]:
-    """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step, the mean raw return
-    of the last 10 episodes, and the signal that stopped the run early (0: none)."""
-    args, checkpoint, run_dir = start_run(args)
-    env_kwargs, obs_dim, act_dim = check_run(args)  # what the run would refuse later is refused now, before any write
-    try:  # a run that cannot write its logs and checkpoint stops now, not after its last step
-        os.makedirs(run_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()
-    except OSError as e:
-        raise ArgsError(f"cannot write to the run directory {run_dir}: {e.strerror or e}") from None
-    if args.track:  # W&B gets every TensorBoard scalar; a resumed run continues the W&B run of its name
-        import wandb
-
-        name = os.path.basename(os.path.normpath(run_dir))
-        run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
-        run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
-        wandb.init(**run, sync_tensorboard=True)
-    while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
-        time.sleep(0.1)  # in name order, and named by the second: the resumed run's must come after those it purges
-    writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops what followed
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("note: no GPU is available; training on the CPU", file=sys.stderr)
-
-    video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-    envs = make_envs(args.env_id, args.num_envs, args.async_envs, video_dir, env_kwargs)
-    vine = args.sampling == "vine"
-    # Vine: one environment per branch (N K of them), its state restored from the trunk's before it steps.
-    branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions)] if vine else []
-    for env in branch_envs:
-        env.reset(seed=args.seed)
+def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, checkpoint: dict | None = None, generator=None):
+    """A new run's agent, its optimizer and its running statistics; or the checkpoint's, with its random generators
+    (into `generator`, default torch's own), and an error if a part of it does not fit them."""
     agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
-    global_step, start_iteration = (checkpoint["global_step"], checkpoint["iteration"] + 1) if checkpoint else (0, 1)
-    if checkpoint:  # the networks, Adam, the statistics and the random generators (the GPU's, if the run had one)
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint:
+        agent.load_state_dict(checkpoint["model"])  # its keys and shapes are checked
+        optimizer.load_state_dict(checkpoint["optimizer"])  # the state's are not, nor the statistics'
         normalizer.load_state_dict(checkpoint["normalizer"])
-        torch.set_rng_state(checkpoint["rng"])
+        shapes = [(state[k].shape, p.shape) for p, state in optimizer.state.items() for k in ("exp_avg", "exp_avg_sq")]
+        shapes += [(normalizer.obs_rms.mean.shape, (obs_dim,)), (normalizer.obs_rms.var.shape, (obs_dim,))]
+        if any(shape != expected for shape, expected in shapes):
+            raise ValueError("its Adam state or its statistics do not fit the networks")
+        (generator or torch.default_generator).set_state(checkpoint["rng"])
         if device.type == "cuda" and checkpoint["cuda_rng"]:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
-    batch_size = args.num_envs * args.num_steps
-    # An iteration runs the trunk (single path: the whole batch) and, with vine, up to N K H branch steps; every
-    # simulator step counts. Iterations go on while one more surely fits in --total-timesteps.
-    iteration_steps = batch_size + (args.vine_states * args.vine_actions * args.vine_horizon if vine else 0)
-    budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
-    # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README): by default only a run that long, all of it.
-    long_run = args.total_timesteps // iteration_steps * args.vf_iters * args.num_minibatches >= 25_000
-    train_step = compiled(minibatch_step, device) if (long_run if args.compile is None else args.compile) else minibatch_step
-    # On resume the statistics already hold the observation the run would have continued from: not counted twice.
-    obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
+    return agent, optimizer, normalizer
+
+
+def train(args: Args) -> dict[str, float]:
+    """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step, the mean raw return
+    of the last 10 episodes, and the signal that stopped the run early (0: none)."""
+    args, checkpoint = start_run(args)
+    env_kwargs, obs_dim, act_dim = check_run(args)  # what the run would refuse later is refused now, before any write
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else None
+    while run_dir is None:  # a new run's own directory: the next second's if another run took this second's
+        try:
+            os.makedirs(name := f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+            run_dir = name
+        except FileExistsError:
+            time.sleep(0.1)
+    try:  # a lock that a second process running the run is refused, and that goes with this one however it ends
+        fcntl.flock(lock := os.open(run_dir, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ArgsError(f"{run_dir} is in use by another process running this script") from None
+    existing = set(os.listdir(run_dir))
+    try:  # the setup: if it fails, a new run's directory goes, and a resumed run's new event file
+        if args.track:  # W&B gets every TensorBoard scalar; a resumed run continues the W&B run of its name
+            import wandb
+
+            name = os.path.basename(os.path.normpath(run_dir))
+            run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
+            run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
+            wandb.init(**run, sync_tensorboard=True)
+        while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
+            time.sleep(0.1)  # in name order, and named by the second: the resumed run's must come after those it purges
+        writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops the rest
+        writer.flush()  # its event file, which TensorBoard writes lazily: here now, for a failed setup to remove
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if args.cuda and device.type == "cpu":
+            print("note: no GPU is available; training on the CPU", file=sys.stderr)
+
+        video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+        envs = make_envs(args.env_id, args.num_envs, args.async_envs, video_dir, env_kwargs)
+        vine = args.sampling == "vine"
+        # Vine: one environment per branch (N K of them), its state restored from the trunk's before it steps.
+        branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions * vine)]
+        for env in branch_envs:
+            env.reset(seed=args.seed)
+        agent, optimizer, normalizer = make_agent(args, obs_dim, act_dim, device, checkpoint)
+        global_step, start_iteration = (checkpoint["global_step"], checkpoint["iteration"] + 1) if checkpoint else (0, 1)
+        batch_size = args.num_envs * args.num_steps
+        # An iteration runs the trunk (single path: the whole batch) and, with vine, up to N K H branch steps; every
+        # simulator step counts. Iterations go on while one more surely fits in --total-timesteps.
+        iteration_steps = batch_size + (args.vine_states * args.vine_actions * args.vine_horizon if vine else 0)
+        budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
+        # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README): by default only a run that long.
+        long_run = args.total_timesteps // iteration_steps * args.vf_iters * args.num_minibatches >= 25_000
+        train_step = compiled(minibatch_step, device) if args.compile or args.compile is None and long_run else minibatch_step
+        # On resume the statistics already hold the observation the run would have continued from: not counted twice.
+        obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
+    except BaseException:
+        os.close(lock)
+        for name in set(os.listdir(run_dir)) - existing if checkpoint else []:  # a resumed run's new event file
+            os.remove(os.path.join(run_dir, name))
+        if checkpoint is None:  # a new run's directory, and runs/ if nothing else is in it
+            shutil.rmtree(run_dir)
+            with contextlib.suppress(OSError):
+                os.rmdir("runs")
+        raise
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     checkpoint_path, keeps_checkpoints = f"{run_dir}/{args.exp_name}.pt", args.save_model or args.checkpoint_interval > 0
     # What a numerical fault leaves on disk: the last state that passed the checks, kept at the end of each iteration.
@@ -796,6 +830,8 @@ def train(args: Args) -> dict[str, float]:
                 save_checkpoint(checkpoint_path, last_good)
             if stopped_by:
                 break
+        if keeps_checkpoints and not stopped_by:
+            save_checkpoint(checkpoint_path, last_good)
     except NumericalFault as fault:
         writer.close()
         if keeps_checkpoints:
@@ -807,11 +843,10 @@ def train(args: Args) -> dict[str, float]:
             signal.signal(signum, handler)
         for resource in (progress, envs, *branch_envs):
             resource.close()
+        os.close(lock)
     if stopped_by:
         resume = f"; continue with --resume {checkpoint_path}" if keeps_checkpoints else ""
         print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}{resume}", file=sys.stderr)
-    elif keeps_checkpoints:
-        save_checkpoint(checkpoint_path, last_good)
     if args.save_model and not stopped_by:  # 10 episodes, logged after the run's last step: a resume drops them with the rest
         try:
             from utils.evaluate import evaluate
@@ -835,12 +870,11 @@ class NumericalFault(RuntimeError):
     """A NaN or an infinity in training or from an environment: training stops, exit code 3."""
 
 
-def start_run(args: Args) -> tuple[Args, dict | None, str]:
-    """A new run: its arguments, no checkpoint, a new run directory. With --resume, the checkpoint's run: the arguments it
-    was started with (but a new --total-timesteps, and the machine's --cuda and --compile), the checkpoint, its directory."""
+def start_run(args: Args) -> tuple[Args, dict | None]:
+    """A new run: its arguments, no checkpoint. With --resume, the checkpoint's run: the arguments it was started with (but
+    a new --total-timesteps, and the machine's --cuda and --compile), and the checkpoint."""
     if args.resume is None:
-        args = replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps)
-        return args, None, f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        return replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps), None
     checkpoint, taken = load_checkpoint(args.resume), ("resume", "total_timesteps", "cuda", "compile")
     ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
     if ignored:
@@ -849,13 +883,13 @@ def start_run(args: Args) -> tuple[Args, dict | None, str]:
     total = saved["total_timesteps"] if args.total_timesteps is None else args.total_timesteps
     if total < checkpoint["global_step"]:
         raise ArgsError(f"--total-timesteps {total} is fewer than the checkpoint's {checkpoint['global_step']} steps")
-    args = Args(**(saved | {k: getattr(args, k) for k in taken} | {"total_timesteps": total}))
-    return args, checkpoint, os.path.dirname(os.path.abspath(args.resume))
+    return Args(**(saved | {k: getattr(args, k) for k in taken} | {"total_timesteps": total})), checkpoint
 
 
 def check_run(args: Args) -> tuple[dict, int, int]:
-    """Refuse (ArgsError) a value outside BOUNDS, flags that do not fit together, an environment that cannot be made and reset
-    or does not observe and act in 1-D Boxes, a batch beyond the memory; returns `gym.make`'s kwargs, the obs and act sizes."""
+    """Refuse (ArgsError) a value outside BOUNDS, flags that do not fit together, an environment that cannot be made, reset,
+    stepped, or that does not observe and act in 1-D Boxes, a batch beyond the memory; returns `gym.make`'s kwargs and the
+    obs and act sizes."""
     for interval, flags in BOUNDS.items():
         low, high = (float(end) for end in interval[1:-1].split(", "))
         for flag, x in [(flag, getattr(args, flag)) for flag in flags if getattr(args, flag) is not None]:
@@ -864,8 +898,6 @@ def check_run(args: Args) -> tuple[dict, int, int]:
     batch_size = args.num_envs * args.num_steps
     if "/" in args.exp_name or "__" in args.exp_name or not args.exp_name.strip("."):
         raise ArgsError("--exp-name must be a plain name, without '/' or '__' (it names the run directory and the checkpoint)")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        raise ArgsError("--track needs the wandb package: pip install wandb")
     if args.total_timesteps < batch_size:
         raise ArgsError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
     if batch_size % args.num_minibatches:
@@ -885,7 +917,7 @@ def check_run(args: Args) -> tuple[dict, int, int]:
             f"({batch_size} trunk + {vine_steps} branch steps)"
         )
     env_kwargs = parse_env_kwargs(args.env_kwargs)
-    try:  # made and reset once here, so that whatever the environment refuses is refused before anything is written
+    try:  # made, reset and stepped once here, so that whatever the environment refuses is refused before anything is written
         env = gym.make(args.env_id, **env_kwargs)
         for name, space in (("observation", env.observation_space), ("action", env.action_space)):
             if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
@@ -896,8 +928,9 @@ def check_run(args: Args) -> tuple[dict, int, int]:
                 f"{args.env_id} is not one"
             )
         env.reset(seed=args.seed)
+        env.step(env.action_space.sample())
         env.close()
-    except Exception as e:  # an unknown id, a missing dependency, a keyword argument it does not take, a failed reset
+    except Exception as e:  # an unknown id, a missing dependency, a keyword argument it does not take, a failed step
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise e if isinstance(e, ArgsError) else ArgsError(f"cannot make environment '{args.env_id}': {reason}") from None
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -917,7 +950,7 @@ def parse_env_kwargs(items: tuple[str, ...]) -> dict:
             raise ArgsError(f"--env-kwargs takes KEY=VALUE, KEY not render_mode (the script sets it), not '{item}'")
         try:
             kwargs[key] = ast.literal_eval(value)  # False, 0.5, (0.2, 1.0), ...
-        except (ValueError, SyntaxError):
+        except Exception:  # not a literal (or one too deep to parse)
             kwargs[key] = value  # a string
     return kwargs
 
@@ -942,24 +975,34 @@ def checkpoint_state(agent: Agent, optimizer, normalizer: Normalizer, args: Args
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write atomically (a temporary file, then a rename): a crash while writing leaves the previous checkpoint intact."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write atomically (a temporary file, then a rename): a crash or a full disk leaves the last checkpoint intact."""
+    try:
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:  # and no partial file
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
 
 
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this script, or ArgsError."""
+    """The checkpoint at `path` if this script wrote it (its arguments' types and values, its environment, its networks,
+    Adam, statistics and random generator restored into what `train` builds from them), or ArgsError naming it."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint["algo"] != "trpo_continuous":
+            raise ArgsError(f"it is one of {checkpoint['algo']}.py")
+        args = Args(**checkpoint["args"])
+        if asdict(args).keys() != checkpoint["args"].keys():
+            raise ValueError(f"it lacks the arguments {sorted(asdict(args).keys() - checkpoint['args'].keys())}")
+        for field in fields(Args):
+            typeguard.check_type(getattr(args, field.name), field.type)
+        typeguard.check_type([checkpoint["global_step"], checkpoint["iteration"], checkpoint["cuda_rng"]], list[int | list])
+        make_agent(args, *check_run(args)[1:], torch.device("cpu"), checkpoint, torch.Generator())
     except FileNotFoundError:
         raise ArgsError(f"no checkpoint at '{path}'") from None
-    except Exception:
-        checkpoint = None
-    keys = {"algo", "args", "global_step", "iteration", "model", "optimizer", "normalizer", "rng", "cuda_rng"}
-    if not isinstance(checkpoint, dict) or not keys <= checkpoint.keys() or not isinstance(checkpoint["args"], dict):
-        raise ArgsError(f"'{path}' is not a checkpoint")
-    if checkpoint["algo"] != "trpo_continuous":
-        raise ArgsError(f"'{path}' is a checkpoint of {checkpoint['algo']}.py, not of trpo_continuous.py")
+    except Exception as e:
+        reason = e if isinstance(e, ArgsError) else f"{type(e).__name__}: {' '.join(str(e).split())}"  # one line
+        raise ArgsError(f"'{path}' is not a checkpoint of trpo_continuous.py: {reason}") from None
     return checkpoint
 
 
@@ -991,10 +1034,13 @@ def compiled(step: Callable, device: torch.device) -> Callable:
     return run
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the contract (README): a failure is one `error:` line; TRACEBACK=1 shows its traceback
     try:
-        summary = train(tyro.cli(Args))
-    except (ArgsError, NumericalFault) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3 if isinstance(e, NumericalFault) else 2)
-    sys.exit(128 + summary["stopped_by"] if summary["stopped_by"] else 0)
+        stopped_by = train(tyro.cli(Args))["stopped_by"]
+    except (Exception, KeyboardInterrupt) as e:
+        if os.environ.get("TRACEBACK"):
+            raise
+        message = e if isinstance(e, (ArgsError, NumericalFault)) else f"{type(e).__name__}: {' '.join(str(e).split())}"
+        print(f"error: {message}".rstrip(": "), file=sys.stderr)
+        sys.exit(3 if isinstance(e, NumericalFault) else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 2)
+    sys.exit(stopped_by and 128 + stopped_by)

@@ -218,7 +218,7 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         (["utils.plot", "."], "error: no runs with episodic returns under ."),
         (["utils.benchmark", "--workers", "0", "--out-dir", "sweep"], "error: --workers must be at least 1"),
         (["utils.benchmark", "--total-timesteps", "0", "--out-dir", "sweep"], "error: --total-timesteps must be at least 1"),
-        (["utils.benchmark", "--out-dir", "/proc/sweep", "--seeds", "1"], "error: cannot make --out-dir /proc/sweep: "),
+        (["utils.benchmark", "--out-dir", "/proc/sweep", "--seeds", "1"], "error: FileNotFoundError: [Errno 2] No such file"),
         (
             ["utils.benchmark", "--algos", "ppo", "--seeds", "1", "--out-dir", "sweep", "--", "--bogus"],
             "error: HalfCheetah-v5__ppo_continuous__1: Unrecognized options: --bogus",

@@ -222,7 +222,7 @@ def test_resume_refuses_another_scripts_checkpoint_and_non_checkpoints(tmp_path,
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     torch.save({"algo": script}, tmp_path / "partial.pt")  # has "algo", lacks the rest
     for path, message in [
-        (foreign, f"is a checkpoint of {other}.py, not of {script}.py"),
+        (foreign, f"is not a checkpoint of {script}.py: it is one of {other}.py"),
         ("notes.txt", "is not a checkpoint"),
         ("missing.pt", "no checkpoint at"),
         ("partial.pt", "'partial.pt' is not a checkpoint"),

@@ -12,6 +12,7 @@ before any job starts; a job that fails later is reported, and the others go on.
 """
 
 import contextlib
+import fcntl
 import glob
 import importlib
 import io
@@ -230,15 +231,15 @@ def main(args: Args, extra: list[str]) -> int:
     if args.dry_run:
         print("".join(f"{name}: (cd {out_dir} && {' '.join(command)})\n" for name, command in commands.items()), end="")
         return 0
-    try:
-        for sub in ("runs", "logs", "done"):
-            os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot make --out-dir {args.out_dir}: {e.strerror}") from None
-    if args.launcher == "local":
-        failures = run_local(commands, out_dir, args.workers)
-    else:
-        failures = run_submitit(commands, out_dir, make_executor(args, out_dir))
+    executor = make_executor(args, out_dir) if args.launcher == "slurm" else None  # no SLURM: refused before any folder
+    for sub in ("runs", "logs", "done"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    try:  # one sweep at a time in --out-dir: a lock that goes with this process, however it ends
+        fcntl.flock(lock := os.open(out_dir, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"error: another sweep is running in --out-dir {args.out_dir}") from None
+    failures = run_local(commands, out_dir, args.workers) if executor is None else run_submitit(commands, out_dir, executor)
+    os.close(lock)
     print(f"{len(todo) - len(failures)} jobs finished, {len(failures)} failed")
     from utils import plot
 

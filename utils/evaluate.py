@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import tyro
 
+from utils.logs import one_line_errors
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where the training scripts are
 SCRIPTS = ("ppo_continuous", "trefree_continuous", "trpo_continuous")
 
@@ -33,8 +35,8 @@ class Args:
 
 
 def load_policy(path: str) -> tuple[dict, torch.nn.Module, object]:
-    """The checkpoint at `path` as the script that wrote it loads it (ValueError with one line if it is not one), and that
-    script's `Agent` and `Normalizer` with the saved state."""
+    """The checkpoint at `path` as the script that wrote it validates and restores it (ValueError with one line if it is
+    not one of its checkpoints): the checkpoint, that script's `Agent` and `Normalizer` with the saved state."""
     try:
         algo = torch.load(path, map_location="cpu", weights_only=True)["algo"]
     except FileNotFoundError:
@@ -48,12 +50,10 @@ def load_policy(path: str) -> tuple[dict, torch.nn.Module, object]:
         script = importlib.import_module(algo)
     except ImportError:
         raise ValueError(f"the checkpoint was written by {algo}.py, which is not next to utils/") from None
-    checkpoint = script.load_checkpoint(path)  # its ArgsError is a ValueError
-    state = checkpoint["normalizer"]
-    obs_dim, act_dim = state["obs_rms"]["mean"].shape[0], checkpoint["model"]["actor_logstd"].shape[0]
-    agent, normalizer = script.Agent(obs_dim, act_dim), script.Normalizer(obs_dim, 1, 0.99, state["clip"], state["epsilon"])
-    agent.load_state_dict(checkpoint["model"])
-    normalizer.load_state_dict(state)
+    checkpoint = script.load_checkpoint(path)  # validated (its ArgsError is a ValueError), then restored as train does
+    obs_dim, act_dim = checkpoint["normalizer"]["obs_rms"]["mean"].shape[0], checkpoint["model"]["actor_logstd"].shape[0]
+    cpu, args = torch.device("cpu"), script.Args(**checkpoint["args"])
+    agent, _, normalizer = script.make_agent(args, obs_dim, act_dim, cpu, checkpoint, torch.Generator())
     return checkpoint, agent, normalizer
 
 
@@ -107,10 +107,10 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with one_line_errors():
         if moved := next((arg for arg in sys.argv[1:] if arg in ("--random-policy", "--csv")), None):
-            raise ValueError(f"{moved} has moved beside its study: python -m utils.results.ten_seeds.random_returns")
-        main(tyro.cli(Args))
-    except (ValueError, TypeError, gym.error.Error) as e:  # TypeError: a keyword argument the environment does not take
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            raise SystemExit(f"error: {moved} has moved beside its study: python -m utils.results.ten_seeds.random_returns")
+        try:
+            main(tyro.cli(Args))
+        except ValueError as e:  # a checkpoint refused, or an argument: the message is the line
+            raise SystemExit(f"error: {e}") from None

@@ -24,14 +24,20 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """A `SystemExit("error: ...")` leaves with exit code 2, as in the training scripts (Python's own code is 1)."""
+    """The contract of every command, as of the training scripts (README): a failure is one `error:` line on stderr and
+    exit code 2 (Ctrl-C: 130), a `SystemExit("error: ...")` its own line; TRACEBACK=1 shows the traceback instead."""
     try:
         yield
     except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            sys.exit(2)
-        raise
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)
+        sys.exit(2)
+    except (Exception, KeyboardInterrupt) as e:
+        if os.environ.get("TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}".rstrip(": "), file=sys.stderr)
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 
 def reason(stderr: str) -> str:

@@ -247,15 +247,21 @@ def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = (), env_i
     return list(runs.values())
 
 
-def check_writable(flag: str, path: str | None) -> None:
-    """Refuse an output path that is a folder, or whose nearest existing folder cannot be written in (None: no output)."""
+def check_writable(flag: str, path: str | None, inputs: tuple[str, ...]) -> None:
+    """Refuse an output path that is a folder or an input, or whose nearest existing folder cannot be written in, or a
+    figure in a format that matplotlib does not write (None: no output)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     folder = os.path.dirname(os.path.abspath(path or "."))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    if path and os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path} is a folder, not a file")
+    read = {os.path.realpath(p) for f in inputs for p in [f, *glob.glob(os.path.join(f, "**", "*.csv"), recursive=True)]}
+    if path and (os.path.isdir(path) or os.path.realpath(path) in read):
+        raise SystemExit(f"error: {flag} {path} is {'a folder' if os.path.isdir(path) else 'an input'}, not a new file")
     if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise SystemExit(f"error: {flag} {path}: cannot write in {folder}")
+    if flag == "--out" and (kind := os.path.splitext(path)[1][1:]) not in FigureCanvasBase.get_supported_filetypes():
+        raise SystemExit(f"error: --out {path}: matplotlib writes .png, .pdf, .svg, ..., not '.{kind}'")
 
 
 def main(args: Args) -> None:
@@ -265,7 +271,7 @@ def main(args: Args) -> None:
     if not runs:
         raise SystemExit(f"error: no runs with episodic returns under {where}")
     for flag, path in (("--out", args.out), ("--export", args.export)):
-        check_writable(flag, path)
+        check_writable(flag, path, args.folders)
     if args.x == "iterations" and (without := next((run for run in runs if not len(run.iterations)), None)):
         raise SystemExit(f"error: {without.env_id} {without.exp_name} has no iteration steps (charts/SPS) to plot against")
 

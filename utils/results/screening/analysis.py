@@ -160,7 +160,7 @@ def main(args: Args) -> None:
         raise SystemExit("error: --choose needs --reference" if args.choose else "error: the screening needs --reference")
     if args.reference not in {run.exp_name for run in runs}:
         raise SystemExit(f"error: no runs of --reference {args.reference} under {where}")
-    check_writable("--out", args.out)
+    check_writable("--out", args.out, args.folders)
 
     # Every table before any file: whatever refuses the input refuses it with nothing written.
     tables = [final_returns_table(runs)] + ([ratio_table(runs)] if args.ratios else [])

@@ -282,7 +282,7 @@ def main(args: Args) -> None:
     if missing := [name for name in args.compare if name not in {run.exp_name for run in runs}]:
         raise SystemExit(f"error: no runs of --compare {' '.join(missing)} under {where}")
     for flag, path in (("--out", args.out), ("--export", args.export)):
-        check_writable(flag, path)
+        check_writable(flag, path, args.folders)
 
     # Every table before any file: whatever refuses the input refuses it with nothing written.
     tables = [final_returns_table(runs)] + ([ratio_table(runs)] if args.ratios else [])

@@ -684,8 +684,7 @@ def explained_variance(values: Tensor, returns: Tensor) -> float:
 
 # Training -------------------------------------------------------------------------------------------------------------
 def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, checkpoint: dict | None = None, generator=None):
-    """A new run's agent, its optimizer and its running statistics; or the checkpoint's, with its random generators
-    (into `generator`, default torch's own), and an error if a part of it does not fit them."""
+    """A new run's agent, optimizer and statistics, or the checkpoint's with its random generators (an error if unfit)."""
     agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
@@ -719,8 +718,7 @@ def train(args: Args) -> dict[str, float]:
         fcntl.flock(lock := os.open(run_dir, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise ArgsError(f"{run_dir} is in use by another process running this script") from None
-    existing = set(os.listdir(run_dir))
-    try:  # the setup: if it fails, a new run's directory goes, and a resumed run's new event file
+    try:  # the setup, the TensorBoard writer last: if it fails, a new run leaves nothing behind, a resumed run nothing new
         if args.track:  # W&B gets every TensorBoard scalar; a resumed run continues the W&B run of its name
             import wandb
 
@@ -728,10 +726,6 @@ def train(args: Args) -> dict[str, float]:
             run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
             run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
             wandb.init(**run, sync_tensorboard=True)
-        while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
-            time.sleep(0.1)  # in name order, and named by the second: the resumed run's must come after those it purges
-        writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops the rest
-        writer.flush()  # its event file, which TensorBoard writes lazily: here now, for a failed setup to remove
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -759,11 +753,12 @@ def train(args: Args) -> dict[str, float]:
         train_step = compiled(minibatch_step, device) if args.compile or args.compile is None and long_run else minibatch_step
         # On resume the statistics already hold the observation the run would have continued from: not counted twice.
         obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
+        while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
+            time.sleep(0.1)  # in name order, and named by the second: the resumed run's must come after those it purges
+        writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops the rest
     except BaseException:
         os.close(lock)
-        for name in set(os.listdir(run_dir)) - existing if checkpoint else []:  # a resumed run's new event file
-            os.remove(os.path.join(run_dir, name))
-        if checkpoint is None:  # a new run's directory, and runs/ if nothing else is in it
+        if checkpoint is None:  # a new run's directory goes, and runs/ if nothing else is in it
             shutil.rmtree(run_dir)
             with contextlib.suppress(OSError):
                 os.rmdir("runs")
@@ -887,9 +882,8 @@ def start_run(args: Args) -> tuple[Args, dict | None]:
 
 
 def check_run(args: Args) -> tuple[dict, int, int]:
-    """Refuse (ArgsError) a value outside BOUNDS, flags that do not fit together, an environment that cannot be made, reset,
-    stepped, or that does not observe and act in 1-D Boxes, a batch beyond the memory; returns `gym.make`'s kwargs and the
-    obs and act sizes."""
+    """Refuse (ArgsError) a value outside BOUNDS, flags that do not fit together, an environment that fails a reset and a step
+    or has no 1-D Box spaces, a batch beyond the memory; returns `gym.make`'s kwargs, the obs and act sizes."""
     for interval, flags in BOUNDS.items():
         low, high = (float(end) for end in interval[1:-1].split(", "))
         for flag, x in [(flag, getattr(args, flag)) for flag in flags if getattr(args, flag) is not None]:
@@ -1008,27 +1002,23 @@ def load_checkpoint(path: str) -> dict:
 
 def compiled(step: Callable, device: torch.device) -> Callable:
     """`step` compiled whole by torch.compile (the loss, autograd, clipping and Adam in one graph; CUDA graphs on a GPU). If
-    its first call fails to compile (no C++ compiler, an unsupported platform, ...): a one-line note, and `step` from then."""
+    it fails to compile (no C++ compiler, an unsupported platform, ...): a one-line note, and `step` from then."""
     options = {"size_asserts": False, "triton.cudagraphs": device.type == "cuda"}  # no shape asserts: -17 % per step
-    calls = {"first": True, "eager": False}
+    fast = []  # the compiled step, made at the first call; `step` itself once compiling has failed
 
     def run(agent: Agent, adam: dict, mb: dict[str, Tensor], lr: float, args: Args) -> Tensor:
+        if not fast:
+            torch._dynamo.config.trace_autograd_ops = True  # the one private switch: trace torch.autograd.grad
+            for tensor in adam["exp_avgs"] + adam["exp_avg_sqs"] + adam["state_steps"] if device.type == "cuda" else []:
+                torch._dynamo.mark_static_address(tensor)  # CUDA graphs may update the optimizer's state in place
+            fast.append(torch.compile(step, fullgraph=True, options=options))
         try:
-            if calls["first"]:
-                torch._dynamo.config.trace_autograd_ops = True  # the one private switch: trace torch.autograd.grad
-                for tensor in adam["exp_avgs"] + adam["exp_avg_sqs"] + adam["state_steps"] if device.type == "cuda" else []:
-                    torch._dynamo.mark_static_address(tensor)  # CUDA graphs may update the optimizer's state in place
-                calls["fast"] = torch.compile(step, fullgraph=True, options=options)
-            if not calls["eager"]:  # the clone: a CUDA graph's next replay overwrites its output
-                return calls["fast"](agent, adam, mb, torch.tensor(lr, device=device), args).clone()
+            if fast[0] is not step:  # the clone: a CUDA graph's next replay overwrites its output
+                return fast[0](agent, adam, mb, torch.tensor(lr, device=device), args).clone()
         except Exception as e:
-            if not calls["first"]:
-                raise
-            calls["eager"] = True
+            fast[0] = step
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             print(f"note: torch.compile failed ({reason}); the update runs eagerly, as with --no-compile", file=sys.stderr)
-        finally:
-            calls["first"] = False
         return step(agent, adam, mb, lr, args)
 
     return run

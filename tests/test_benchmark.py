@@ -217,7 +217,10 @@ def test_grid_items_for_one_algorithm(tmp_path, capsys):
         (["utils.plot", "no-such-folder"], "error: no runs with episodic returns under no-such-folder"),
         (["utils.plot", "."], "error: no runs with episodic returns under ."),
         (["utils.benchmark", "--workers", "0", "--out-dir", "sweep"], "error: --workers must be at least 1"),
-        (["utils.benchmark", "--total-timesteps", "0", "--out-dir", "sweep"], "error: --total-timesteps must be at least 1"),
+        (
+            ["utils.benchmark", "--total-timesteps", "0", "--out-dir", "sweep"],
+            "error: HalfCheetah-v5__trefree_continuous__1: --total-timesteps 0 is smaller than one batch",
+        ),
         (["utils.benchmark", "--out-dir", "/proc/sweep", "--seeds", "1"], "error: FileNotFoundError: [Errno 2] No such file"),
         (
             ["utils.benchmark", "--algos", "ppo", "--seeds", "1", "--out-dir", "sweep", "--", "--bogus"],

@@ -127,7 +127,7 @@ def job_command(job: Job, args: Args, extra: list[str], out_dir: str) -> list[st
         return [sys.executable, script, "--resume", os.path.relpath(checkpoint, out_dir), *extra]
     flags = ["--env-id", job.env_id, "--seed", str(job.seed), "--exp-name", job.exp_name, "--save-model"]
     flags += ["--checkpoint-interval", str(args.checkpoint_interval)]
-    flags += ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps else []
+    flags += ["--total-timesteps", str(args.total_timesteps)] if args.total_timesteps is not None else []
     flags += ["--track"] * args.track
     for flag, value in (("--wandb-project-name", args.wandb_project_name), ("--wandb-entity", args.wandb_entity)):
         flags += [flag, value] if args.track and value else []
@@ -221,8 +221,6 @@ def main(args: Args, extra: list[str]) -> int:
         raise SystemExit("error: --help after -- would end every job with the script's help; run the script with --help")
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
-    if args.total_timesteps is not None and args.total_timesteps < 1:
-        raise SystemExit("error: --total-timesteps must be at least 1 (or left out: each script's own)")
     out_dir, jobs, in_csv = os.path.abspath(args.out_dir), make_jobs(args), runs_in_csv(args.skip_runs_in)
     todo = [job for job in jobs if not os.path.exists(os.path.join(out_dir, "done", job.name)) and job.name not in in_csv]
     commands = {job.name: job_command(job, args, extra, out_dir) for job in todo}

@@ -78,8 +78,7 @@ def evaluate(
     """Run the checkpoint's policy for `episodes` episodes; returns their raw returns."""
     checkpoint, agent, normalizer = load_policy(path)
     env_id, env_kwargs = env_id or checkpoint["args"]["env_id"], checkpoint.get("env_kwargs", {})  # the training env's
-    if capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, for --capture-video
     env = gym.make(env_id, **env_kwargs, **({"render_mode": "rgb_array"} if capture_video else {}))
     if capture_video:
         video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos_eval")
@@ -110,7 +109,4 @@ if __name__ == "__main__":
     with one_line_errors():
         if moved := next((arg for arg in sys.argv[1:] if arg in ("--random-policy", "--csv")), None):
             raise SystemExit(f"error: {moved} has moved beside its study: python -m utils.results.ten_seeds.random_returns")
-        try:
-            main(tyro.cli(Args))
-        except ValueError as e:  # a checkpoint refused, or an argument: the message is the line
-            raise SystemExit(f"error: {e}") from None
+        main(tyro.cli(Args))

@@ -25,18 +25,18 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 @contextlib.contextmanager
 def one_line_errors():
     """The contract of every command, as of the training scripts (README): a failure is one `error:` line on stderr and
-    exit code 2 (Ctrl-C: 130), a `SystemExit("error: ...")` its own line; TRACEBACK=1 shows the traceback instead."""
+    exit code 2 (Ctrl-C: 130): a `SystemExit("error: ...")` or a ValueError its message, anything else its type too;
+    TRACEBACK=1 shows the traceback instead."""
     try:
         yield
-    except SystemExit as e:
-        if not isinstance(e.code, str):
+    except (SystemExit, Exception, KeyboardInterrupt) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str) or os.environ.get("TRACEBACK"):
             raise
-        print(e.code, file=sys.stderr)
-        sys.exit(2)
-    except (Exception, KeyboardInterrupt) as e:
-        if os.environ.get("TRACEBACK"):
-            raise
-        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}".rstrip(": "), file=sys.stderr)
+        message = e.code if isinstance(e, SystemExit) else " ".join(str(e).split())  # on one line
+        message = (
+            message.removeprefix("error: ") if isinstance(e, SystemExit | ValueError) else f"{type(e).__name__}: {message}"
+        )
+        print(f"error: {message}".rstrip(": "), file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 
 

@@ -69,10 +69,7 @@ def binned_curve(steps: np.ndarray, returns: np.ndarray, width: int = BIN) -> np
 def run_from_scalars(run_dir: str) -> Run | None:
     """The run of a TensorBoard run directory, or None if it is not one of ours or has no episode."""
     parts = os.path.basename(run_dir).split("__")
-    try:
-        scalars = {tag: np.array(values).reshape(-1, 2) for tag, values in read_scalars(run_dir).items()}
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    scalars = {tag: np.array(values).reshape(-1, 2) for tag, values in read_scalars(run_dir).items()}  # or ValueError
     if len(parts) != 4 or "charts/episodic_return" not in scalars:
         return None
     scalars = defaultdict(lambda: np.zeros((0, 2)), scalars)  # a tag never written: no value
@@ -248,8 +245,7 @@ def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = (), env_i
 
 
 def check_writable(flag: str, path: str | None, inputs: tuple[str, ...]) -> None:
-    """Refuse an output path that is a folder or an input, or whose nearest existing folder cannot be written in, or a
-    figure in a format that matplotlib does not write (None: no output)."""
+    """Refuse an output that is a folder or an input, or cannot be written, or is a figure matplotlib does not write."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     folder = os.path.dirname(os.path.abspath(path or "."))

@@ -24,9 +24,8 @@ def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """The contract of every command, as of the training scripts (README): a failure is one `error:` line on stderr and
-    exit code 2 (Ctrl-C: 130): a `SystemExit("error: ...")` or a ValueError its message, anything else its type too;
-    TRACEBACK=1 shows the traceback instead."""
+    """The scripts' contract (README): a failure is one `error:` line, exit code 2 (Ctrl-C: 130), its message (a SystemExit's
+    or a ValueError's) or its type and message; TRACEBACK=1 shows the traceback instead."""
     try:
         yield
     except (SystemExit, Exception, KeyboardInterrupt) as e:

@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import tyro
+from matplotlib.backend_bases import FigureCanvasBase
 
 from utils.logs import one_line_errors, read_scalars
 
@@ -246,8 +247,6 @@ def select_runs(folders: tuple[str, ...], exp_names: tuple[str, ...] = (), env_i
 
 def check_writable(flag: str, path: str | None, inputs: tuple[str, ...]) -> None:
     """Refuse an output that is a folder or an input, or cannot be written, or is a figure matplotlib does not write."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
     folder = os.path.dirname(os.path.abspath(path or "."))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)

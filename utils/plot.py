@@ -252,7 +252,7 @@ def check_writable(flag: str, path: str | None, inputs: tuple[str, ...]) -> None
         folder = os.path.dirname(folder)
     read = {os.path.realpath(p) for f in inputs for p in [f, *glob.glob(os.path.join(f, "**", "*.csv"), recursive=True)]}
     if path and (os.path.isdir(path) or os.path.realpath(path) in read):
-        raise SystemExit(f"error: {flag} {path} is {'a folder' if os.path.isdir(path) else 'an input'}, not a new file")
+        raise SystemExit(f"error: {flag} {path} is {'a folder, not a file' if os.path.isdir(path) else 'an input'}")
     if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise SystemExit(f"error: {flag} {path}: cannot write in {folder}")
     if flag == "--out" and (kind := os.path.splitext(path)[1][1:]) not in FigureCanvasBase.get_supported_filetypes():

@@ -154,8 +154,8 @@ def make_envs(
     env_kwargs = env_kwargs or {}
 
     def make_env(idx: int) -> gym.Env:  # the first one records videos, with a `video_dir`
-        for signum in (signal.SIGINT, signal.SIGTERM) if multiprocessing.parent_process() else ():  # an async worker:
-            signal.signal(signum, signal.SIG_IGN)  # Ctrl-C to the process group is for the training process to handle
+        for signum in (signal.SIGINT, signal.SIGTERM) if async_envs and multiprocessing.parent_process() else ():
+            signal.signal(signum, signal.SIG_IGN)  # an async worker: Ctrl-C to the process group is the training process's
         if video_dir is None or idx > 0:
             return gym.make(env_id, **env_kwargs)
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering

@@ -683,7 +683,7 @@ def explained_variance(values: Tensor, returns: Tensor) -> float:
 
 
 # Training -------------------------------------------------------------------------------------------------------------
-def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, checkpoint: dict | None = None, generator=None):
+def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, checkpoint=None, rng=torch.default_generator):
     """A new run's agent, optimizer and statistics, or the checkpoint's with its random generators (an error if unfit)."""
     agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
@@ -696,7 +696,7 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, che
         shapes += [(normalizer.obs_rms.mean.shape, (obs_dim,)), (normalizer.obs_rms.var.shape, (obs_dim,))]
         if any(shape != expected for shape, expected in shapes):
             raise ValueError("its Adam state or its statistics do not fit the networks")
-        (generator or torch.default_generator).set_state(checkpoint["rng"])
+        rng.set_state(checkpoint["rng"])
         if device.type == "cuda" and checkpoint["cuda_rng"]:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
     return agent, optimizer, normalizer
@@ -990,7 +990,7 @@ def load_checkpoint(path: str) -> dict:
             raise ValueError(f"it lacks the arguments {sorted(asdict(args).keys() - checkpoint['args'].keys())}")
         for field in fields(Args):
             typeguard.check_type(getattr(args, field.name), field.type)
-        typeguard.check_type([checkpoint["global_step"], checkpoint["iteration"], checkpoint["cuda_rng"]], list[int | list])
+        typeguard.check_type(tuple(checkpoint[k] for k in ("global_step", "iteration", "cuda_rng")), tuple[int, int, list])
         make_agent(args, *check_run(args)[1:], torch.device("cpu"), checkpoint, torch.Generator())
     except FileNotFoundError:
         raise ArgsError(f"no checkpoint at '{path}'") from None

@@ -31,10 +31,8 @@ def one_line_errors():
     except (SystemExit, Exception, KeyboardInterrupt) as e:
         if isinstance(e, SystemExit) and not isinstance(e.code, str) or os.environ.get("TRACEBACK"):
             raise
-        message = e.code if isinstance(e, SystemExit) else " ".join(str(e).split())  # on one line
-        message = (
-            message.removeprefix("error: ") if isinstance(e, SystemExit | ValueError) else f"{type(e).__name__}: {message}"
-        )
+        text = e.code if isinstance(e, SystemExit) else " ".join(str(e).split())  # on one line
+        message = text.removeprefix("error: ") if isinstance(e, SystemExit | ValueError) else f"{type(e).__name__}: {text}"
         print(f"error: {message}".rstrip(": "), file=sys.stderr)
         sys.exit(130 if isinstance(e, KeyboardInterrupt) else 2)
 

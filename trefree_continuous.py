@@ -448,15 +448,16 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, che
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint:
         agent.load_state_dict(checkpoint["model"])  # its keys and shapes are checked
-        optimizer.load_state_dict(checkpoint["optimizer"])  # the state's are not, nor the statistics'
-        normalizer.load_state_dict(checkpoint["normalizer"])
-        shapes = [(state[k].shape, p.shape) for p, state in optimizer.state.items() for k in ("exp_avg", "exp_avg_sq")]
-        shapes += [(normalizer.obs_rms.mean.shape, (obs_dim,)), (normalizer.obs_rms.var.shape, (obs_dim,))]
+        normalizer.load_state_dict(checkpoint["normalizer"])  # the statistics' are not, nor Adam's state's
+        shapes = [(normalizer.obs_rms.mean.shape, (obs_dim,)), (normalizer.obs_rms.var.shape, (obs_dim,))]
+        if "optimizer" in checkpoint:  # a run's checkpoint; a policy (utils/results/policies) keeps what playing needs
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            shapes += [(state[k].shape, p.shape) for p, state in optimizer.state.items() for k in ("exp_avg", "exp_avg_sq")]
+            rng.set_state(checkpoint["rng"])
+            if device.type == "cuda" and checkpoint["cuda_rng"]:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
         if any(shape != expected for shape, expected in shapes):
             raise ValueError("its Adam state or its statistics do not fit the networks")
-        rng.set_state(checkpoint["rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"]:
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
     return agent, optimizer, normalizer
 
 
@@ -608,6 +609,8 @@ def start_run(args: Args) -> tuple[Args, dict | None]:
     if args.resume is None:
         return replace(args, total_timesteps=1_000_000 if args.total_timesteps is None else args.total_timesteps), None
     checkpoint, taken = load_checkpoint(args.resume), ("resume", "total_timesteps", "cuda", "compile")
+    if "optimizer" not in checkpoint:
+        raise ArgsError(f"'{args.resume}' is a policy without its optimizer's state: it plays (utils.evaluate), not resumes")
     ignored = [f"--{k.replace('_', '-')}" for k, v in asdict(args).items() if k not in taken and v != getattr(Args(), k)]
     if ignored:
         print(f"note: a resumed run keeps the arguments it was started with; ignoring {' '.join(ignored)}", file=sys.stderr)

@@ -249,22 +249,23 @@ def test_evaluate_command_refuses_a_non_checkpoint(tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == f"error: '{tmp_path / 'notes.txt'}' is not a checkpoint"
 
 
-def test_evaluation_records_a_video():
+def test_evaluation_records_the_first_episode_in_the_working_directory_not_next_to_the_checkpoint(tmp_path):
     import ppo_continuous as ppo
 
     ppo.train(ppo.Args(env_id="InvertedPendulum-v5", total_timesteps=1024, num_steps=1024, checkpoint_interval=1))
     path = os.path.join(only_run_dir(), "ppo_continuous.pt")
+    beside = sorted(os.listdir(os.path.dirname(path)))
     try:
-        evaluation.evaluate(path, episodes=1, capture_video=True)
+        evaluation.evaluate(path, episodes=2, capture_video=True)
     except Exception as e:  # only where no OpenGL backend exists
         if "GL" in str(e) or "display" in str(e).lower():
             pytest.skip(f"no OpenGL backend for headless rendering: {e}")
         raise
-    videos = os.listdir(os.path.join(os.path.dirname(path), "videos_eval"))
-    assert (
-        videos == ["eval-episode-0.mp4"]
-        and os.path.getsize(os.path.join(os.path.dirname(path), "videos_eval", videos[0])) > 1000
-    )
+    folder = tmp_path / "videos" / "InvertedPendulum-v5__ppo_continuous"  # the default --video-dir, in the working directory
+    assert os.listdir(folder) == ["eval-episode-0.mp4"] and (folder / "eval-episode-0.mp4").stat().st_size > 1000
+    assert sorted(os.listdir(os.path.dirname(path))) == beside  # nothing written next to the checkpoint
+    evaluation.evaluate(path, episodes=1, capture_video=True, video_dir=str(tmp_path / "mine"))  # a folder the user names
+    assert os.listdir(tmp_path / "mine") == ["eval-episode-0.mp4"]
 
 
 def test_plot_writes_figures_and_the_final_returns_table_and_reads_its_csv_back(tmp_path):

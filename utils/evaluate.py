@@ -1,10 +1,13 @@
 """Evaluate a saved policy.
 
     python -m utils.evaluate runs/<run>/<exp_name>.pt [--episodes 10] [--env-id ...] [--capture-video] [--stochastic]
+    MUJOCO_GL=egl python -m utils.evaluate utils/results/policies/Hopper-v5/trefree.pt --capture-video   # a trained policy
 
 The script that wrote the checkpoint (its `algo`, next to `utils/`) validates it and rebuilds the policy: its `Agent`
 with the saved weights and its `Normalizer` with the saved statistics, applied frozen, so each algorithm has one actor.
 It acts with the mean action (`--stochastic`: a sample) and prints each episode's raw return, and their mean and std.
+`--capture-video` renders the first episode headless (MuJoCo's `MUJOCO_GL=egl`, the default here; `osmesa` where EGL is
+missing) into an mp4 in `--video-dir`, by default `videos/<env_id>__<checkpoint name>/` in the working directory.
 """
 
 import importlib
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import tyro
@@ -29,7 +33,8 @@ class Args:
     checkpoint: tyro.conf.Positional[str]  # a checkpoint written by a training script (`runs/<run>/<exp_name>.pt`)
     episodes: int = 10  # the number of evaluation episodes
     env_id: str | None = None  # the environment (default: the policy's own; its --env-kwargs apply in either case)
-    capture_video: bool = False  # record every episode to `videos_eval/` next to the checkpoint (headless: MUJOCO_GL=egl)
+    capture_video: bool = False  # record the first episode as an mp4 in --video-dir (headless: MUJOCO_GL=egl, the default)
+    video_dir: str | None = None  # the videos' folder (default: videos/<env_id>__<checkpoint name>/ in the working directory)
     stochastic: bool = False  # sample actions from the policy instead of taking its mean
     seed: int = 0  # seed of the evaluation episodes
 
@@ -72,37 +77,71 @@ def run_episodes(env: gym.Env, act: Callable[[np.ndarray], np.ndarray], episodes
     return returns
 
 
-def evaluate(
-    path: str, episodes: int = 10, env_id: str | None = None, capture_video: bool = False, stochastic: bool = False, seed=0
-) -> list[float]:
-    """Run the checkpoint's policy for `episodes` episodes; returns their raw returns."""
+def track(env: gym.Env) -> gym.Env:
+    """Film a MuJoCo task with its model's camera `track`, which follows the body (each of the six tasks of the studies has
+    one): Gymnasium's default camera stays where the episode starts, and a running body leaves the picture."""
+    model = getattr(env.unwrapped, "model", None)
+    if isinstance(model, mujoco.MjModel) and (camera := mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, "track")) >= 0:
+        env.unwrapped.mujoco_renderer.camera_id = camera
+    return env
+
+
+def video_folder(path: str, env_id: str, video_dir: str | None = None) -> str:
+    """Where --capture-video writes: `video_dir`, or `videos/<env_id>__<checkpoint name>` in the working directory."""
+    return video_dir or os.path.join("videos", f"{env_id.replace('/', '-')}__{os.path.splitext(os.path.basename(path))[0]}")
+
+
+def make_policy(
+    path: str, env_id: str | None = None, render: bool = False, stochastic: bool = False, seed: int = 0
+) -> tuple[gym.Env, Callable[[np.ndarray], np.ndarray]]:
+    """The checkpoint's environment (its --env-kwargs; with `render`, rgb_array frames from its tracking camera) and its
+    policy as a function of a raw observation: the mean action with the training statistics frozen, or a sample."""
     checkpoint, agent, normalizer = load_policy(path)
     env_id, env_kwargs = env_id or checkpoint["args"]["env_id"], checkpoint.get("env_kwargs", {})  # the training env's
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering, for --capture-video
-    env = gym.make(env_id, **env_kwargs, **({"render_mode": "rgb_array"} if capture_video else {}))
-    if capture_video:
-        video_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "videos_eval")
-        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, name_prefix="eval")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
+    env = track(gym.make(env_id, **env_kwargs, **({"render_mode": "rgb_array"} if render else {})))
     if env.observation_space.shape != (shape := normalizer.obs_rms.mean.shape):
         raise ValueError(f"{env_id} has observations of shape {env.observation_space.shape}; the policy takes {shape}")
     rng, sigma = np.random.default_rng(seed) if stochastic else None, agent.actor_logstd.detach().exp().numpy()
 
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:  # the mean action, with the training statistics frozen; or a sample
+    def act(obs: np.ndarray) -> np.ndarray:
         action = agent.actor_mean(torch.from_numpy(normalizer.obs(obs[None], update=False))).numpy()[0]
         action = action if rng is None else action + sigma * rng.standard_normal(action.shape).astype(np.float32)
         return np.clip(action, env.action_space.low, env.action_space.high)
 
+    return env, act
+
+
+def evaluate(
+    path: str,
+    episodes: int = 10,
+    env_id: str | None = None,
+    capture_video: bool = False,
+    stochastic: bool = False,
+    seed: int = 0,
+    video_dir: str | None = None,
+) -> list[float]:
+    """Run the checkpoint's policy for `episodes` episodes (the first recorded into `video_folder` with `capture_video`);
+    returns their raw returns."""
+    env, act = make_policy(path, env_id, capture_video, stochastic, seed)
+    if capture_video:
+        folder = video_folder(path, env.spec.id, video_dir)
+        env = gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda episode: episode == 0, name_prefix="eval")
     return run_episodes(env, act, episodes, seed)
 
 
 def main(args: Args) -> None:
     if args.episodes < 1:
         raise ValueError("--episodes must be at least 1")
-    returns = evaluate(args.checkpoint, args.episodes, args.env_id, args.capture_video, args.stochastic, args.seed)
+    options = dict(capture_video=args.capture_video, stochastic=args.stochastic, seed=args.seed, video_dir=args.video_dir)
+    returns = evaluate(args.checkpoint, args.episodes, args.env_id, **options)
     for episode, episodic_return in enumerate(returns):
         print(f"episode {episode}: return {episodic_return:.1f}")
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.1f} ± {np.std(returns):.1f}")
+    if args.capture_video:
+        env_id = args.env_id or torch.load(args.checkpoint, weights_only=True)["args"]["env_id"]
+        print(f"videos in {video_folder(args.checkpoint, env_id, args.video_dir)}/")
 
 
 if __name__ == "__main__":

@@ -686,7 +686,8 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """The checkpoint at `path` if this script wrote it (its arguments' types and values, its environment, its networks,
-    Adam, statistics and random generator restored into what `train` builds from them), or ArgsError naming it."""
+    statistics, Adam and random generator, a policy's without the last two, restored into what `train` builds from them),
+    or ArgsError naming it."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if checkpoint["algo"] != "ppo_continuous":

@@ -13,6 +13,7 @@ import ast
 import contextlib
 import copy
 import fcntl
+import functools
 import hashlib
 import math
 import multiprocessing
@@ -158,10 +159,10 @@ class RunningMeanStd:
     def update(self, x: np.ndarray) -> None:
         batch_count = x.shape[0]
         batch_mean = x.sum(axis=0) / batch_count  # x.mean(axis=0), bit for bit, without np.mean's Python wrapper
-        delta, total = batch_mean - self.mean, self.count + batch_count
-        self.mean = self.mean + delta * (batch_count / total)
+        shift, total = batch_mean - self.mean, self.count + batch_count
+        self.mean = self.mean + shift * (batch_count / total)
         m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0)  # the sums of squared deviations, merged
-        self.var = (m2 + np.square(delta) * (self.count * batch_count / total)) / total
+        self.var = (m2 + np.square(shift) * (self.count * batch_count / total)) / total
         self.count = total
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -244,13 +245,23 @@ class Agent(nn.Module):
         return (self.actor_logstd + 0.5 * math.log(2 * math.pi * math.e)).sum()
 
 
+NUMPY_ACTIVATIONS = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0)}  # torch's, in numpy
+
+
 def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
-    """The actor's mean mu(s) as a numpy function of a batch of observations, for the rollout: the weights do not change
-    during a rollout, and one call of a 64-unit MLP costs ~5x less in numpy than in eager PyTorch, so the rollout runs on
-    the CPU whatever the update's device."""
-    layers = [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy()) for layer in agent.actor_mean[::2]]
-    (w1, b1), (w2, b2), (w3, b3) = layers  # the Linear layers
-    return lambda obs: np.tanh(np.tanh(obs @ w1 + b1) @ w2 + b2) @ w3 + b3
+    """The actor's mean mu(s) as a numpy function of a batch of observations, for the rollout, read off `agent.actor_mean`
+    layer by layer (an nn.Linear as x W^T + b, an activation as its numpy twin). The weights do not change during a
+    rollout, and one call of a 64-unit MLP costs ~5x less in numpy than in eager PyTorch, so the rollout runs on the CPU
+    whatever the update's device."""
+
+    def layer(module: nn.Module) -> Callable[[np.ndarray], np.ndarray]:  # an activation without a numpy twin: torch's own
+        if isinstance(module, nn.Linear):
+            weight, bias = module.weight.detach().cpu().numpy().T, module.bias.detach().cpu().numpy()
+            return lambda x: x @ weight + bias
+        return NUMPY_ACTIVATIONS.get(type(module), lambda x: module(torch.from_numpy(x)).numpy())
+
+    layers = [layer(module) for module in agent.actor_mean]
+    return lambda obs: functools.reduce(lambda x, f: f(x), layers, obs)
 
 
 # Rollout --------------------------------------------------------------------------------------------------------------
@@ -301,11 +312,11 @@ def compute_gae(
     `next_values[t]` is V of the successor of step t (V(final observation) where the episode ended). A termination has no
     future value; a truncation keeps it. Any episode end stops the recursion. Returns the advantages and the value
     targets (advantages + values)."""
-    deltas = rewards + gamma * next_values * (1.0 - terminations) - values  # delta_t = r_t + gamma V(s_t+1) - V(s_t), eq. (12)
+    td_errors = rewards + gamma * next_values * (1.0 - terminations) - values  # r_t + gamma V(s_t+1) - V(s_t), eq. (12)
     discounts = gamma * gae_lambda * (1.0 - dones)
     advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
-        last = deltas[t] + discounts[t] * last  # A_t = delta_t + gamma lambda A_t+1, eq. (11)
+        last = td_errors[t] + discounts[t] * last  # A_t = td_error_t + gamma lambda A_t+1, eq. (11)
         advantages[t] = last
     return advantages, advantages + values
 

@@ -2,7 +2,7 @@
 
 Schulman, Levine, Moritz, Jordan, Abbeel (2015), "Trust Region Policy Optimization", arXiv:1502.05477. Equation and
 section numbers in the comments refer to that paper. Each iteration solves problem (15): maximise the importance-sampled
-surrogate E[pi_theta(a|s) / pi_old(a|s) A] subject to the mean KL(pi_old || pi_theta) <= delta, by conjugate gradient
+surrogate E[pi_theta(a|s) / pi_old(a|s) A] subject to the mean KL(pi_old || pi_theta) <= max_kl, by conjugate gradient
 on Fisher-vector products and a backtracking line search (Section 6, Appendix C). The value function is a separate MLP
 fitted by Adam. Defaults are those of OpenAI Baselines' trpo_mpi on MuJoCo; observations and rewards are normalized as
 in the other two scripts. Two ablations of Section 8.1 are flags: the empirical Fisher matrix, and the natural policy
@@ -15,6 +15,7 @@ import ast
 import contextlib
 import copy
 import fcntl
+import functools
 import hashlib
 import math
 import multiprocessing
@@ -105,7 +106,7 @@ class Args:
     ent_coef: float = 0.0
     """coefficient of the entropy bonus in the surrogate"""
     max_kl: float = 0.01
-    """the trust region delta: the bound on the mean KL(pi_old || pi_theta) of problem (13)"""
+    """the trust region: the bound on the mean KL(pi_old || pi_theta) of problem (13)"""
     cg_iters: int = 10
     """the number of conjugate gradient iterations"""
     cg_damping: float = 0.1
@@ -178,10 +179,10 @@ class RunningMeanStd:
     def update(self, x: np.ndarray) -> None:
         batch_count = x.shape[0]
         batch_mean = x.sum(axis=0) / batch_count  # x.mean(axis=0), bit for bit, without np.mean's Python wrapper
-        delta, total = batch_mean - self.mean, self.count + batch_count
-        self.mean = self.mean + delta * (batch_count / total)
+        shift, total = batch_mean - self.mean, self.count + batch_count
+        self.mean = self.mean + shift * (batch_count / total)
         m2 = self.var * self.count + np.square(x - batch_mean).sum(axis=0)  # the sums of squared deviations, merged
-        self.var = (m2 + np.square(delta) * (self.count * batch_count / total)) / total
+        self.var = (m2 + np.square(shift) * (self.count * batch_count / total)) / total
         self.count = total
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -273,13 +274,23 @@ class Agent(nn.Module):
         return (self.actor_logstd + 0.5 * math.log(2 * math.pi * math.e)).sum()
 
 
+NUMPY_ACTIVATIONS = {nn.Tanh: np.tanh, nn.ReLU: lambda x: np.maximum(x, 0)}  # torch's, in numpy
+
+
 def numpy_actor(agent: Agent) -> Callable[[np.ndarray], np.ndarray]:
-    """The actor's mean mu(s) as a numpy function of a batch of observations, for the rollout: the weights do not change
-    during a rollout, and one call of a 64-unit MLP costs ~5x less in numpy than in eager PyTorch, so the rollout runs on
-    the CPU whatever the update's device."""
-    layers = [(layer.weight.detach().cpu().numpy().T, layer.bias.detach().cpu().numpy()) for layer in agent.actor_mean[::2]]
-    (w1, b1), (w2, b2), (w3, b3) = layers  # the Linear layers
-    return lambda obs: np.tanh(np.tanh(obs @ w1 + b1) @ w2 + b2) @ w3 + b3
+    """The actor's mean mu(s) as a numpy function of a batch of observations, for the rollout, read off `agent.actor_mean`
+    layer by layer (an nn.Linear as x W^T + b, an activation as its numpy twin). The weights do not change during a
+    rollout, and one call of a 64-unit MLP costs ~5x less in numpy than in eager PyTorch, so the rollout runs on the CPU
+    whatever the update's device."""
+
+    def layer(module: nn.Module) -> Callable[[np.ndarray], np.ndarray]:  # an activation without a numpy twin: torch's own
+        if isinstance(module, nn.Linear):
+            weight, bias = module.weight.detach().cpu().numpy().T, module.bias.detach().cpu().numpy()
+            return lambda x: x @ weight + bias
+        return NUMPY_ACTIVATIONS.get(type(module), lambda x: module(torch.from_numpy(x)).numpy())
+
+    layers = [layer(module) for module in agent.actor_mean]
+    return lambda obs: functools.reduce(lambda x, f: f(x), layers, obs)
 
 
 # Rollout --------------------------------------------------------------------------------------------------------------
@@ -422,11 +433,11 @@ def compute_gae(
     `next_values[t]` is V of the successor of step t (V(final observation) where the episode ended). A termination has no
     future value; a truncation keeps it. Any episode end stops the recursion. Returns the advantages and the value
     targets (advantages + values)."""
-    deltas = rewards + gamma * next_values * (1.0 - terminations) - values  # delta_t = r_t + gamma V(s_t+1) - V(s_t)
+    td_errors = rewards + gamma * next_values * (1.0 - terminations) - values  # r_t + gamma V(s_t+1) - V(s_t)
     discounts = gamma * gae_lambda * (1.0 - dones)
     advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
-        last = deltas[t] + discounts[t] * last  # A_t = delta_t + gamma lambda A_t+1
+        last = td_errors[t] + discounts[t] * last  # A_t = td_error_t + gamma lambda A_t+1
         advantages[t] = last
     return advantages, advantages + values
 
@@ -641,7 +652,7 @@ def update(
             fvp = empirical_fvp(score_matrix(agent, samples["obs"], samples["actions"]), args.cg_damping)
         step_dir, cg_residual = conjugate_gradient(fvp, g, args.cg_iters)  # s ~ A^-1 g
         if args.step_rule == "constraint":
-            beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = delta
+            beta = torch.sqrt(2 * args.max_kl / (step_dir @ fvp(step_dir)))  # the largest step with 1/2 s^T A s = max_kl
             full_step = beta * step_dir
             constraint = mean_kl if args.kl_constraint == "mean" else max_state_kl  # max: the same direction, a stricter test
             steps, step_kl, improvement = line_search(

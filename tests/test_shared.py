@@ -124,6 +124,30 @@ def test_numpy_actor_equals_torch_actor(algo):
     )
 
 
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.ELU])  # a numpy twin, and torch's own
+def test_the_rollout_samples_around_the_mean_that_log_prob_scores_whatever_the_activation(algo, activation):
+    """A copier who changes the MLP's activation: the rollout's numpy actor follows the module, so each sampled action is
+    mu(s) + sigma eps with the module's mu(s), and log_prob scores it as the density of that eps."""
+    torch.manual_seed(1)
+    agent = algo.Agent(obs_dim=4, act_dim=1, init_log_std=-0.5)
+    agent.actor_mean[1], agent.actor_mean[3] = activation(), activation()
+    with torch.no_grad():
+        agent.actor_mean[4].weight.normal_()  # an output larger than the 0.01-gain init's, so the check means something
+    envs = algo.make_envs("InvertedPendulum-v5", num_envs=2)
+    normalizer = algo.Normalizer(4, 2, 0.99)
+    obs = normalizer.obs(envs.reset(seed=0)[0])
+    torch.manual_seed(0)
+    rollout = algo.rollout(envs, agent, normalizer, obs, 16)
+    batch = {k: torch.from_numpy(v) for k, v in rollout[0].items()}
+    torch.manual_seed(0)
+    eps = torch.randn((16, 2, 1))  # the rollout's noise, drawn from the same generator
+    with torch.no_grad():
+        mean, log_std = agent.actor_mean(batch["obs"]), agent.actor_logstd
+        torch.testing.assert_close(batch["actions"], mean + log_std.exp() * eps, rtol=1e-5, atol=1e-5)
+        expected = (-0.5 * eps**2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)  # log N(eps | 0, 1) - log sigma
+        torch.testing.assert_close(agent.log_prob(batch["obs"], batch["actions"]), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_log_prob_and_entropy_equal_torch_normal(algo):
     agent = algo.Agent(obs_dim=5, act_dim=3)
     with torch.no_grad():

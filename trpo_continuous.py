@@ -42,7 +42,6 @@ from gymnasium.envs.mujoco import MujocoEnv
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
-from torch.optim.adam import adam as functional_adam
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -568,37 +567,13 @@ def vine_surrogate(logratio: Tensor, q_values: Tensor) -> Tensor:
     return (torch.softmax(logratio, dim=1) * q_values).sum(1).mean()
 
 
-def adam_state(optimizer: torch.optim.Adam) -> dict:
-    """The parameters, state tensors and hyper-parameters of a one-group `torch.optim.Adam`, its state created as its
-    first `step()` would create it. `adam_step` updates these tensors in place, so `optimizer.state_dict()` saves them."""
-    group = optimizer.param_groups[0]
-    for p in group["params"]:
-        if not optimizer.state[p]:
-            optimizer.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p)}
-            optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-    states = [optimizer.state[p] for p in group["params"]]
-    return {
-        "params": group["params"],
-        "exp_avgs": [state["exp_avg"] for state in states],
-        "exp_avg_sqs": [state["exp_avg_sq"] for state in states],
-        "state_steps": [state["step"] for state in states],
-        "options": dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"], amsgrad=False, weight_decay=0.0),
-    }
-
-
-def adam_step(adam: dict, grads: list[Tensor], lr: float | Tensor) -> None:
-    """Adam (Kingma and Ba, 2015) on `adam`'s parameters and state, in place: PyTorch's own, the functional form that
-    `torch.optim.Adam.step` runs; its fused kernel eagerly, its single-tensor form (which inductor fuses) when compiled."""
-    state, fused = (adam["exp_avgs"], adam["exp_avg_sqs"], [], adam["state_steps"]), not torch.compiler.is_compiling()
-    with torch.no_grad():
-        functional_adam(adam["params"], grads, *state, foreach=False, fused=fused, maximize=False, lr=lr, **adam["options"])
-
-
-def minibatch_step(agent: Agent, adam: dict, mb: dict[str, Tensor], lr: float | Tensor, args: Args) -> Tensor:
-    """One gradient step of the value function on a minibatch, in place: the value loss, its gradient and Adam. The eager
-    and the compiled update both run this function. Returns the value loss."""
+def minibatch_step(agent: Agent, optimizer: torch.optim.Adam, mb: dict[str, Tensor], args: Args) -> Tensor:
+    """One gradient step of the value function on a minibatch: the value loss, `backward()` and `optimizer.step()`. The
+    eager and the compiled update both run this function. Returns the value loss."""
     v_loss = value_loss(agent.value(mb["obs"]), mb["returns"])
-    adam_step(adam, list(torch.autograd.grad(v_loss, adam["params"])), lr)
+    optimizer.zero_grad()
+    v_loss.backward()
+    optimizer.step()
     return v_loss.detach()
 
 
@@ -667,11 +642,10 @@ def update(
             step_norm = args.npg_step_size * step_dir.norm().item()
 
     batch_size = batch["obs"].shape[0]
-    adam, lr = adam_state(optimizer), optimizer.param_groups[0]["lr"]
     v_losses = []
     for _ in range(args.vf_iters):  # the value function's fit (`step`: `minibatch_step`, or it compiled)
         for indices in torch.randperm(batch_size, device=batch["obs"].device).split(batch_size // args.num_minibatches):
-            v_losses.append(step(agent, adam, {"obs": batch["obs"][indices], "returns": batch["returns"][indices]}, lr, args))
+            v_losses.append(step(agent, optimizer, {"obs": batch["obs"][indices], "returns": batch["returns"][indices]}, args))
 
     with torch.no_grad():
         policy_loss, largest_kl = -surrogate().item(), max_state_kl().item()
@@ -697,7 +671,7 @@ def explained_variance(values: Tensor, returns: Tensor) -> float:
 def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, checkpoint=None, rng=torch.default_generator):
     """A new run's agent, optimizer and statistics, or the checkpoint's with its random generators (an error if unfit)."""
     agent = Agent(obs_dim, act_dim, args.init_log_std).to(device)
-    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate)  # the value function's
+    optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.vf_learning_rate, fused=True)  # the value function's
     normalizer = Normalizer(obs_dim, args.num_envs, args.gamma)
     if checkpoint:
         agent.load_state_dict(checkpoint["model"])  # its keys and shapes are checked
@@ -762,7 +736,7 @@ def train(args: Args) -> dict[str, float]:
         budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
         # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README): by default only a run that long.
         long_run = args.total_timesteps // iteration_steps * args.vf_iters * args.num_minibatches >= 25_000
-        train_step = compiled(minibatch_step, device) if args.compile or args.compile is None and long_run else minibatch_step
+        train_step = compiled(minibatch_step) if args.compile or args.compile is None and long_run else minibatch_step
         # On resume the statistics already hold the observation the run would have continued from: not counted twice.
         obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
         while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
@@ -1015,26 +989,23 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def compiled(step: Callable, device: torch.device) -> Callable:
-    """`step` compiled whole by torch.compile (the loss, autograd, clipping and Adam in one graph; CUDA graphs on a GPU). If
-    it fails to compile (no C++ compiler, an unsupported platform, ...): a one-line note, and `step` from then."""
-    options = {"size_asserts": False, "triton.cudagraphs": device.type == "cuda"}  # no shape asserts: -17 % per step
+def compiled(step: Callable) -> Callable:
+    """`step` compiled by torch.compile: the loss with its backward pass, the clipping and Adam's step in a few graphs
+    (`zero_grad` and `backward()` itself stay eager). If it fails to compile (no C++ compiler, an unsupported platform,
+    ...): a one-line note, and `step` from then."""
     fast = []  # the compiled step, made at the first call; `step` itself once compiling has failed
 
-    def run(agent: Agent, adam: dict, mb: dict[str, Tensor], lr: float, args: Args) -> Tensor:
+    def run(agent: Agent, optimizer: torch.optim.Adam, mb: dict[str, Tensor], args: Args) -> Tensor:
         if not fast:
-            torch._dynamo.config.trace_autograd_ops = True  # the one private switch: trace torch.autograd.grad
-            for tensor in adam["exp_avgs"] + adam["exp_avg_sqs"] + adam["state_steps"] if device.type == "cuda" else []:
-                torch._dynamo.mark_static_address(tensor)  # CUDA graphs may update the optimizer's state in place
-            fast.append(torch.compile(step, fullgraph=True, options=options))
+            fast.append(torch.compile(step))
         try:
-            if fast[0] is not step:  # the clone: a CUDA graph's next replay overwrites its output
-                return fast[0](agent, adam, mb, torch.tensor(lr, device=device), args).clone()
+            if fast[0] is not step:
+                return fast[0](agent, optimizer, mb, args)
         except Exception as e:
             fast[0] = step
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             print(f"note: torch.compile failed ({reason}); the update runs eagerly, as with --no-compile", file=sys.stderr)
-        return step(agent, adam, mb, lr, args)
+        return step(agent, optimizer, mb, args)
 
     return run
 

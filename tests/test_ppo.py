@@ -43,5 +43,5 @@ def test_the_value_clipping_range_is_the_clip_coef_unless_vf_clip_coef_is_set(mo
     mb = {"obs": torch.randn(8, 3), "actions": torch.randn(8, 2), "logprobs": torch.randn(8)}
     mb |= {"values": torch.randn(8), "advantages": torch.randn(8), "returns": torch.randn(8)}
     for args in [ppo.Args(clip_coef=0.3), ppo.Args(clip_coef=0.3, vf_clip_coef=0.1)]:
-        ppo.minibatch_step(agent, ppo.adam_state(torch.optim.Adam(agent.parameters())), mb, 1e-3, args)
+        ppo.minibatch_step(agent, torch.optim.Adam(agent.parameters(), lr=1e-3), mb, args)
     assert ranges == [0.3, 0.1]

@@ -102,7 +102,7 @@ def test_the_minibatch_step_optimises_the_chosen_surrogate_with_its_own_margin(c
         logratio = agent.log_prob(mb["obs"], mb["actions"]) - mb["logprobs"]
     args = trefree.Args(conservative=conservative, delta=0.05, ratio_clip=0.1, norm_adv="none")
     expected, capped = trefree.trefree_loss(logratio, mb["advantages"], 0.05, conservative, 0.1)
-    adam = trefree.adam_state(torch.optim.Adam(agent.parameters()))
-    policy_loss, _, _, capfrac, _ = trefree.minibatch_step(agent, adam, mb, 1e-3, args).tolist()
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    policy_loss, _, _, capfrac, _ = trefree.minibatch_step(agent, optimizer, mb, args).tolist()
     assert policy_loss == pytest.approx(expected.item(), rel=1e-6) and capfrac == pytest.approx(capped.float().mean().item())
     assert (0 < capfrac < 1) == (conservative != "none")

@@ -14,7 +14,7 @@ gradient with a fixed step size instead of the KL constraint.
 import ast
 import contextlib
 import copy
-import fcntl
+import errno
 import functools
 import hashlib
 import math
@@ -44,6 +44,11 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+try:
+    import fcntl  # file locks (POSIX); none on Windows
+except ImportError:
+    fcntl = None
 
 
 # Arguments ------------------------------------------------------------------------------------------------------------
@@ -691,27 +696,8 @@ def make_agent(args: Args, obs_dim: int, act_dim: int, device: torch.device, che
 def train(args: Args) -> dict[str, float]:
     """Train TRPO, or continue the run of the checkpoint `args.resume`. Returns the final global step, the mean raw return
     of the last 10 episodes, and the signal that stopped the run early (0: none)."""
-    args, checkpoint = start_run(args)
-    env_kwargs, obs_dim, act_dim = check_run(args)  # what the run would refuse later is refused now, before any write
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if checkpoint else None
-    while run_dir is None:  # a new run's own directory: the next second's if another run took this second's
-        try:
-            os.makedirs(name := f"runs/{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-            run_dir = name
-        except FileExistsError:
-            time.sleep(0.1)
-    try:  # a lock that a second process running the run is refused, and that goes with this one however it ends
-        fcntl.flock(lock := os.open(run_dir, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ArgsError(f"{run_dir} is in use by another process running this script") from None
-    try:  # the setup, the TensorBoard writer last: if it fails, a new run leaves nothing behind, a resumed run nothing new
-        if args.track:  # W&B gets every TensorBoard scalar; a resumed run continues the W&B run of its name
-            import wandb
-
-            name = os.path.basename(os.path.normpath(run_dir))
-            run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=name, resume="allow", save_code=True)
-            run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(args), monitor_gym=args.capture_video)
-            wandb.init(**run, sync_tensorboard=True)
+    with Run(args) as run:  # the run's folder, TensorBoard and W&B, signals and checkpoints (plumbing, below)
+        args, checkpoint = run.args, run.loaded
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
@@ -720,66 +706,37 @@ def train(args: Args) -> dict[str, float]:
         if args.cuda and device.type == "cpu":
             print("note: no GPU is available; training on the CPU", file=sys.stderr)
 
-        video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
-        envs = make_envs(args.env_id, args.num_envs, args.async_envs, video_dir, env_kwargs)
+        envs = make_envs(args.env_id, args.num_envs, args.async_envs, run.video_dir, run.env_kwargs)
+        run.callback(envs.close)
         vine = args.sampling == "vine"
         # Vine: one environment per branch (N K of them), its state restored from the trunk's before it steps.
-        branch_envs = [gym.make(args.env_id, **env_kwargs) for _ in range(args.vine_states * args.vine_actions * vine)]
+        branch_envs = [gym.make(args.env_id, **run.env_kwargs) for _ in range(args.vine_states * args.vine_actions * vine)]
         for env in branch_envs:
             env.reset(seed=args.seed)
-        agent, optimizer, normalizer = make_agent(args, obs_dim, act_dim, device, checkpoint)
-        global_step, start_iteration = (checkpoint["global_step"], checkpoint["iteration"] + 1) if checkpoint else (0, 1)
+            run.callback(env.close)
+        agent, optimizer, normalizer = make_agent(args, run.obs_dim, run.act_dim, device, checkpoint)
+        global_step, iteration = (checkpoint["global_step"], checkpoint["iteration"]) if checkpoint else (0, 0)
         batch_size = args.num_envs * args.num_steps
         # An iteration runs the trunk (single path: the whole batch) and, with vine, up to N K H branch steps; every
         # simulator step counts. Iterations go on while one more surely fits in --total-timesteps.
         iteration_steps = batch_size + (args.vine_states * args.vine_actions * args.vine_horizon if vine else 0)
-        budget = args.total_timesteps if vine else args.total_timesteps // batch_size * batch_size  # the steps that may be run
-        # Compiling costs 10-35 s once, repaid after ~25,000 minibatch steps (README): by default only a run that long.
-        long_run = args.total_timesteps // iteration_steps * args.vf_iters * args.num_minibatches >= 25_000
+        # Compiling costs 4-17 s once, repaid after ~70,000 minibatch steps (README): by default only a run that long.
+        long_run = args.total_timesteps // iteration_steps * args.vf_iters * args.num_minibatches >= 70_000
         train_step = compiled(minibatch_step) if args.compile or args.compile is None and long_run else minibatch_step
         # On resume the statistics already hold the observation the run would have continued from: not counted twice.
-        obs = normalizer.obs(envs.reset(seed=args.seed + (start_iteration - 1) * args.num_envs)[0], update=checkpoint is None)
-        while checkpoint and any(f".{int(time.time()):010d}." in name for name in os.listdir(run_dir)):  # event files are read
-            time.sleep(0.1)  # in name order, and named by the second: the resumed run's must come after those it purges
-        writer = SummaryWriter(run_dir, purge_step=checkpoint and checkpoint["global_step"] + 1)  # a resume drops the rest
-    except BaseException:
-        os.close(lock)
-        if checkpoint is None:  # a new run's directory goes, and runs/ if nothing else is in it
-            shutil.rmtree(run_dir)
-            with contextlib.suppress(OSError):
-                os.rmdir("runs")
-        raise
-    if checkpoint is None:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        obs = normalizer.obs(envs.reset(seed=args.seed + iteration * args.num_envs)[0], update=checkpoint is None)
+        run.checkpoint(checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
 
-    checkpoint_path, keeps_checkpoints = f"{run_dir}/{args.exp_name}.pt", args.save_model or args.checkpoint_interval > 0
-    # What a numerical fault leaves on disk: the last state that passed the checks, kept at the end of each iteration.
-    last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, start_iteration - 1, device)
-    recent_returns, stop, stopped_by, start_step, start_time = deque(maxlen=10), [], 0, global_step, time.perf_counter()
-    progress = tqdm(initial=global_step, total=budget, unit="step", unit_scale=True, mininterval=1.0)
-
-    def request_stop(signum, frame):  # SIGINT, SIGTERM: stop at the end of the iteration; a second Ctrl-C stops at once
-        if stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.append(signum)
-
-    main_thread = threading.current_thread() is threading.main_thread()  # the one that signals reach
-    handlers = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM) if main_thread}
-    iteration = start_iteration - 1
-    try:
         while global_step + iteration_steps <= args.total_timesteps:
             iteration += 1
-            lr = args.vf_learning_rate * (1.0 - global_step / budget) if args.anneal_lr else args.vf_learning_rate
+            lr = args.vf_learning_rate * (1.0 - global_step / run.total) if args.anneal_lr else args.vf_learning_rate
             optimizer.param_groups[0]["lr"] = lr
 
-            rollout_start, iteration_start_step = time.perf_counter(), global_step
+            rollout_start = time.perf_counter()
             # Vine: the rollout set, whose states the trunk's rollout saves as it passes them.
             rollout_set = choose_rollout_set(args.num_steps, args.num_envs, args.vine_states) if vine else []
             rollout_batch, obs, episodes, set_states = rollout(envs, agent, normalizer, obs, args.num_steps, rollout_set)
-            for t, episodic_return, episodic_length in episodes:
-                writer.add_scalar("charts/episodic_return", episodic_return, global_step + (t + 1) * args.num_envs)
-                writer.add_scalar("charts/episodic_length", episodic_length, global_step + (t + 1) * args.num_envs)
-                recent_returns.append(episodic_return)
+            episodes = [(global_step + (t + 1) * args.num_envs, ret, length) for t, ret, length in episodes]
             global_step += batch_size
             if vine:  # K branches from each state of the rollout set
                 set_obs = np.stack([rollout_batch["obs"][t, i] for t, i in rollout_set])
@@ -797,49 +754,13 @@ def train(args: Args) -> dict[str, float]:
             update_end = time.perf_counter()
             check_finite(agent, normalizer, stats)
 
-            stats |= {"charts/SPS": int((global_step - start_step) / (update_end - start_time)), "charts/learning_rate": lr}
             stats["losses/explained_variance"] = explained_variance(batch["values"], batch["returns"])
-            stats["perf/rollout_time"], stats["perf/update_time"] = update_start - rollout_start, update_end - update_start
-            for tag, value in stats.items():
-                writer.add_scalar(tag, value, global_step)
-            progress.set_postfix(SPS=stats["charts/SPS"], ret=f"{np.mean(recent_returns or [np.nan]):.1f}", refresh=False)
-            progress.update(global_step - iteration_start_step)
-
-            stopped_by = (stop or [0])[0]
-            last_good = checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device)
-            if keeps_checkpoints and (stopped_by or args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
-                save_checkpoint(checkpoint_path, last_good)
-            if stopped_by:
+            stats |= {"charts/learning_rate": lr, "perf/rollout_time": update_start - rollout_start}
+            run.log(stats | {"perf/update_time": update_end - update_start}, global_step, episodes)
+            run.checkpoint(checkpoint_state(agent, optimizer, normalizer, args, global_step, iteration, device))
+            if run.stopped:
                 break
-        if keeps_checkpoints and not stopped_by:
-            save_checkpoint(checkpoint_path, last_good)
-    except NumericalFault as fault:
-        writer.close()
-        if keeps_checkpoints:
-            save_checkpoint(checkpoint_path, last_good)
-        kept = f"; the checkpoint of step {last_good['global_step']} is kept in {checkpoint_path}" if keeps_checkpoints else ""
-        raise NumericalFault(f"{args.env_id}, iteration {iteration}: {fault}{kept}") from None
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        for resource in (progress, envs, *branch_envs):
-            resource.close()
-        os.close(lock)
-    if stopped_by:
-        resume = f"; continue with --resume {checkpoint_path}" if keeps_checkpoints else ""
-        print(f"stopped by {signal.Signals(stopped_by).name} at step {global_step}{resume}", file=sys.stderr)
-    if args.save_model and not stopped_by:  # 10 episodes, logged after the run's last step: a resume drops them with the rest
-        try:
-            from utils.evaluate import evaluate
-        except ImportError:
-            print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
-        else:
-            for i, episodic_return in enumerate(evaluate(checkpoint_path, episodes=10)):
-                writer.add_scalar("eval/episodic_return", episodic_return, global_step + 1 + i)
-    writer.close()
-    if args.track:
-        wandb.finish()
-    return {"global_step": global_step, "mean_return": float(np.mean(recent_returns or [np.nan])), "stopped_by": stopped_by}
+    return {"global_step": global_step, "mean_return": run.mean_return, "stopped_by": run.stopped}
 
 
 # Plumbing: checks, checkpoints, the compiled step ---------------------------------------------------------------------
@@ -849,6 +770,153 @@ class ArgsError(ValueError):
 
 class NumericalFault(RuntimeError):
     """A NaN or an infinity in training or from an environment: training stops, exit code 3."""
+
+
+class MachineFault(OSError):
+    """A write that the machine refused (a full disk, a read-only folder): training stops, exit code 1."""
+
+
+class Run(contextlib.ExitStack):
+    """What `train` runs in: the run's folder (a new one, or that of --resume's checkpoint) with a lock on it that a second
+    process is refused, W&B and TensorBoard, Ctrl-C and SIGTERM (the loop stops at the end of the iteration), the last
+    good state and the checkpoints written from it, the final evaluation. However the run ends, the folder is let go and
+    the `callback`s run (closing the environments); a setup that fails leaves no new folder, and a numerical fault or a
+    write that the machine refuses stops the run with one line that names the checkpoint it leaves."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.args, self.loaded = start_run(args)  # `loaded`: the checkpoint of --resume
+        self.env_kwargs, self.obs_dim, self.act_dim = check_run(self.args)  # refused now, before anything is written
+        self.dir = os.path.dirname(os.path.abspath(self.args.resume)) if self.loaded else None
+        self.keeps = self.args.save_model or self.args.checkpoint_interval > 0
+        batch, vine = self.args.num_envs * self.args.num_steps, self.args.sampling == "vine"
+        self.total = self.args.total_timesteps if vine else self.args.total_timesteps // batch * batch  # the steps to run
+        self.writer = self.last_good = None
+        self.saved = (self.loaded["global_step"], self.args.resume) if self.loaded else None  # the last checkpoint written
+        self.signals, self.stopped, self.returns = [], 0, deque(maxlen=10)
+
+    def __enter__(self) -> "Run":
+        name = f"runs/{self.args.env_id.replace('/', '-')}__{self.args.exp_name}__{self.args.seed}"
+        while self.dir is None:  # a new run's own folder: the next second's if another run took this second's
+            try:
+                os.makedirs(folder := f"{name}__{int(time.time())}")
+                self.dir = folder
+            except FileExistsError:
+                time.sleep(0.1)
+        self.path = f"{self.dir}/{self.args.exp_name}.pt"
+        self.video_dir = os.path.join(self.dir, "videos") if self.args.capture_video else None
+        if fcntl is None:
+            print("note: no file locks here (no fcntl): nothing keeps a second process off this run", file=sys.stderr)
+            return self
+        lock = os.open(self.dir, os.O_RDONLY)
+        try:  # a lock that a second process running the run is refused, and that goes with this one however it ends
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise ArgsError(f"{self.dir} is in use by another process running this script") from None
+        self.callback(os.close, lock)
+        return self
+
+    def checkpoint(self, state: dict) -> None:
+        """Keep `state` as the last good one, and write it every --checkpoint-interval iterations and when stopped. The
+        first call, before the first iteration, starts the training: W&B, the signals, the progress line, the clock."""
+        self.stopped = (self.signals or [0])[0]  # a signal that comes later is seen at the next iteration's end
+        interval = self.args.checkpoint_interval
+        if self.last_good is None:
+            self.start(state["global_step"])
+        elif self.keeps and (self.stopped or interval and state["iteration"] % interval == 0):
+            self.save(state)
+        self.last_good = state
+
+    def start(self, step: int) -> None:
+        if self.args.track:  # W&B gets every TensorBoard scalar; a resumed run continues the W&B run of its name
+            import wandb
+
+            name = os.path.basename(os.path.normpath(self.dir))
+            run = dict(project=self.args.wandb_project_name, entity=self.args.wandb_entity, name=name, resume="allow")
+            run |= dict(id=hashlib.sha1(name.encode()).hexdigest()[:16], config=asdict(self.args), save_code=True)
+            wandb.init(**run, monitor_gym=self.args.capture_video, sync_tensorboard=True)
+            self.callback(wandb.finish)
+        if threading.current_thread() is threading.main_thread():  # the one that signals reach
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.callback(signal.signal, signum, signal.signal(signum, self.request_stop))
+        progress = tqdm(initial=step, total=self.total, unit="step", unit_scale=True, mininterval=1.0)
+        self.progress, self.start_step, self.start_time = self.enter_context(progress), step, time.perf_counter()
+
+    def request_stop(self, signum: int, frame) -> None:  # stop at the end of the iteration; a second Ctrl-C stops at once
+        if self.signals and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signals.append(signum)
+
+    def log(self, stats: dict, step: int, episodes: list[tuple[int, float, int]] = ()) -> None:
+        """Write the iteration's statistics at `step` and its finished episodes (step, raw return, length) to TensorBoard.
+        The writer opens at the first call, after the first iteration: a resume that fails before it purges nothing."""
+        writer = self.writer or self.open_writer()
+        for episode_step, episodic_return, episodic_length in episodes:
+            writer.add_scalar("charts/episodic_return", episodic_return, episode_step)
+            writer.add_scalar("charts/episodic_length", episodic_length, episode_step)
+            self.returns.append(episodic_return)
+        stats = {"charts/SPS": int((step - self.start_step) / (time.perf_counter() - self.start_time))} | stats
+        for tag, value in stats.items():
+            writer.add_scalar(tag, value, step)
+        self.progress.set_postfix(SPS=stats["charts/SPS"], ret=f"{self.mean_return:.1f}", refresh=False)
+        self.progress.update(step - self.progress.n)
+
+    def open_writer(self) -> SummaryWriter:
+        """TensorBoard's writer; a resumed run's drops what its run logged after the checkpoint."""
+        while self.loaded and any(f".{int(time.time()):010d}." in name for name in os.listdir(self.dir)):  # event files
+            time.sleep(0.1)  # are read in name order, and named by the second: a resume's must come after those it purges
+        self.writer = self.enter_context(SummaryWriter(self.dir, purge_step=self.loaded and self.loaded["global_step"] + 1))
+        if not self.loaded:
+            table = "\n".join(f"|{k}|{v}|" for k, v in asdict(self.args).items())
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        return self.writer
+
+    @property
+    def mean_return(self) -> float:
+        """The mean raw return of the last 10 episodes."""
+        return float(np.mean(self.returns or [np.nan]))
+
+    def save(self, state: dict) -> None:
+        save_checkpoint(self.path, state)
+        self.saved = state["global_step"], self.path
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        kept = lambda: "; the checkpoint of step {} is kept in {}".format(*self.saved) if self.saved else ""  # noqa: E731
+        try:
+            if self.last_good is None and not self.loaded:  # the setup failed: a new run leaves nothing behind
+                shutil.rmtree(self.dir)
+                with contextlib.suppress(OSError):
+                    os.rmdir("runs")
+            elif isinstance(error, NumericalFault):
+                if self.keeps:
+                    self.save(self.last_good)
+                raise NumericalFault(f"{self.args.env_id}, iteration {self.last_good['iteration'] + 1}: {error}{kept()}")
+            elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise MachineFault(f"{os.strerror(error.errno).lower()} writing {error.filename or self.dir}{kept()}")
+            elif error is None:
+                self.finish()
+        finally:
+            super().__exit__(kind, error, traceback)
+        return False
+
+    def finish(self) -> None:
+        """The last checkpoint, and with --save-model the final policy's evaluation (10 episodes, logged after the last
+        step: a resume drops them with the rest)."""
+        step = self.last_good["global_step"]
+        if self.stopped:
+            resume = f"; continue with --resume {self.path}" * self.keeps
+            return print(f"stopped by {signal.Signals(self.stopped).name} at step {step}{resume}", file=sys.stderr)
+        if self.keeps:
+            self.save(self.last_good)
+        if self.args.save_model:
+            try:
+                from utils.evaluate import evaluate
+            except ImportError:
+                return print("utils/ is not next to this script: the final evaluation is skipped", file=sys.stderr)
+            writer = self.writer or self.open_writer()
+            for i, episodic_return in enumerate(evaluate(self.path, episodes=10)):
+                writer.add_scalar("eval/episodic_return", episodic_return, step + 1 + i)
 
 
 def start_run(args: Args) -> tuple[Args, dict | None]:
@@ -961,9 +1029,21 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     try:
         torch.save(checkpoint, path + ".tmp")
         os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's stream names no cause of a failed write: the folder then says it
+        folder = os.path.dirname(os.path.abspath(path))
+        full, writable = shutil.disk_usage(folder).free < 2**20, os.access(folder, os.W_OK)
+        code = getattr(e, "errno", None) or (errno.ENOSPC if full else None if writable else errno.EROFS)
+        raise OSError(code, os.strerror(code), path) if code else e from None
     finally:  # and no partial file
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
+
+
+def tensors(tree) -> list[Tensor]:
+    """The tensors in nested dicts and lists (a state dict)."""
+    if isinstance(tree, dict | list | tuple):
+        return [tensor for value in (tree.values() if isinstance(tree, dict) else tree) for tensor in tensors(value)]
+    return [tree] if isinstance(tree, Tensor) else []
 
 
 def load_checkpoint(path: str) -> dict:
@@ -981,6 +1061,9 @@ def load_checkpoint(path: str) -> dict:
             typeguard.check_type(getattr(args, field.name), field.type)
         typeguard.check_type(tuple(checkpoint[k] for k in ("global_step", "iteration", "cuda_rng")), tuple[int, int, list])
         make_agent(args, *check_run(args)[1:], torch.device("cpu"), checkpoint, torch.Generator())
+        for part in ("model", "optimizer", "normalizer"):
+            if not all(torch.isfinite(tensor).all() for tensor in tensors(checkpoint.get(part, {}))):
+                raise ValueError(f"its {part} state holds a NaN or an infinity")
     except FileNotFoundError:
         raise ArgsError(f"no checkpoint at '{path}'") from None
     except Exception as e:
@@ -1016,7 +1099,8 @@ if __name__ == "__main__":  # the contract (README): a failure is one `error:` l
     except (Exception, KeyboardInterrupt) as e:
         if os.environ.get("TRACEBACK"):
             raise
-        message = e if isinstance(e, (ArgsError, NumericalFault)) else f"{type(e).__name__}: {' '.join(str(e).split())}"
-        print(f"error: {message}".rstrip(": "), file=sys.stderr)
-        sys.exit(3 if isinstance(e, NumericalFault) else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 2)
+        ours = isinstance(e, ArgsError | NumericalFault | MachineFault)
+        print(f"error: {e if ours else f'{type(e).__name__}: ' + ' '.join(str(e).split())}".rstrip(": "), file=sys.stderr)
+        codes = {NumericalFault: 3, MachineFault: 1, KeyboardInterrupt: 128 + signal.SIGINT}
+        sys.exit(next((code for kind, code in codes.items() if isinstance(e, kind)), 2))
     sys.exit(stopped_by and 128 + stopped_by)

@@ -289,8 +289,8 @@ def test_standardized_advantages_make_the_update_blind_to_their_scale_and_none_d
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_compiles_by_default_only_a_run_long_enough_to_repay_it(script, monkeypatch):
-    """Unset, --compile compiles the minibatch step only for a run of 25,000 minibatch steps or more, counted over the whole
-    run (PPO and TREFree at their defaults: from 79 iterations of 320 steps; TRPO: from 313 of 80); --compile and
+    """Unset, --compile compiles the minibatch step only for a run of 70,000 minibatch steps or more, counted over the whole
+    run (PPO and TREFree at their defaults: from 219 iterations of 320 steps; TRPO: from 875 of 80); --compile and
     --no-compile force either. Each run stops at its first rollout, once the step is chosen."""
     algo = importlib.import_module(script)
 
@@ -309,7 +309,7 @@ def test_compiles_by_default_only_a_run_long_enough_to_repay_it(script, monkeypa
     monkeypatch.setattr(algo, "compiled", compiled)
     monkeypatch.setattr(algo, "rollout", rollout)
     steps = algo.Args().num_steps
-    first = 79 if script != "trpo_continuous" else 313  # the first number of iterations with 25,000 minibatch steps
+    first = 219 if script != "trpo_continuous" else 875  # the first number of iterations with 70,000 minibatch steps
     for compile, iterations, compiles in [
         (None, first - 1, False),
         (None, first, True),

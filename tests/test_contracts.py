@@ -1,5 +1,6 @@
 """The contract of every entry point (README, troubleshooting): a failure that is the input's or the machine's is one
-`error:` line and exit code 2 (a numerical fault 3, a signal 128 + n), and a run that fails before its first step leaves
+`error:` line and exit code 2 (a numerical fault 3, a write the machine refuses 1, a signal 128 + n), and a run that
+fails before its first step leaves
 nothing behind; a checkpoint is validated by the script that wrote it; no run is lost to another run or a full disk."""
 
 import fcntl
@@ -15,6 +16,7 @@ import torch
 from helpers import only_run_dir
 
 from utils import evaluate as evaluation
+from utils.logs import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["ppo_continuous", "trefree_continuous", "trpo_continuous"]
@@ -64,6 +66,16 @@ def corrupt(checkpoint: dict, case: str) -> dict:
         return checkpoint | {"rng": torch.zeros(3, dtype=torch.uint8)}
     elif case == "string for the global step":
         return checkpoint | {"global_step": "128"}
+    elif case == "NaN weight":
+        model["actor_logstd"] = torch.full_like(model["actor_logstd"], float("nan"))
+    elif case == "infinite Adam state":
+        optimizer = checkpoint["optimizer"] | {"state": dict(checkpoint["optimizer"]["state"])}
+        optimizer["state"][0] = optimizer["state"][0] | {
+            "exp_avg_sq": torch.full_like(optimizer["state"][0]["exp_avg_sq"], float("inf"))
+        }
+        return checkpoint | {"optimizer": optimizer}
+    elif case == "NaN statistics":
+        normalizer["obs_rms"] = normalizer["obs_rms"] | {"var": torch.full_like(normalizer["obs_rms"]["var"], float("nan"))}
     return checkpoint | {"args": args, "model": model, "normalizer": normalizer}
 
 
@@ -79,6 +91,9 @@ CORRUPTIONS = [
     "wrong Adam state shape",
     "bad random generator state",
     "string for the global step",
+    "NaN weight",
+    "infinite Adam state",
+    "NaN statistics",
 ]
 
 
@@ -220,3 +235,52 @@ def test_utils_commands_keep_the_contract_and_never_overwrite_an_input(tmp_path)
     assert one_error_line(run(*sweep, cwd=ROOT)).startswith("error: another sweep is running in --out-dir")
     os.close(lock)
     assert not os.listdir(tmp_path / "sweep" / "runs")
+
+
+def test_a_resume_that_fails_in_its_first_iteration_purges_nothing(algo, monkeypatch):
+    """TensorBoard's writer of a resumed run opens after its first iteration: a fault before leaves the folder's scalars
+    (those logged after the checkpoint, which a resume would drop) as they were."""
+    algo.train(algo.Args(**(TINY | dict(total_timesteps=256)), checkpoint_interval=2))  # checkpoints at 128 and 256
+    run_dir = only_run_dir()
+    path, scalars = os.path.join(run_dir, f"{algo.__name__}.pt"), read_scalars(run_dir)
+
+    def poisoned_update(agent, *rest):
+        with torch.no_grad():
+            agent.actor_logstd.fill_(float("nan"))
+        return {}
+
+    monkeypatch.setattr(algo, "update", poisoned_update)
+    with pytest.raises(algo.NumericalFault, match="iteration 5: the parameter actor_logstd is not finite"):
+        algo.train(algo.Args(resume=path, total_timesteps=512))
+    assert read_scalars(run_dir) == scalars
+
+
+def test_without_fcntl_a_script_shows_its_help_and_trains_with_a_note(tmp_path):
+    """Where `fcntl` does not exist (Windows), the scripts import, --help works and a run trains, noting that its folder
+    has no lock."""
+    for script in SCRIPTS:
+        launch = f"import runpy, sys; sys.modules['fcntl'] = None; sys.argv[0] = '{script}.py'; "
+        launch += f"runpy.run_path('{os.path.join(ROOT, script)}.py', run_name='__main__')"
+        result = run("-c", launch, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "--env-id" in result.stdout, result.stderr
+    flags = "--env-id InvertedPendulum-v5 --total-timesteps 128 --num-steps 64 --num-minibatches 2 --no-compile"
+    result = run("-c", launch, *flags.split(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "note: no file locks here (no fcntl): nothing keeps a second process off this run" in result.stderr
+
+
+def test_a_full_disk_is_the_machines_fault_exit_code_1_and_names_the_checkpoint_kept(tmp_path):
+    launch = f"""if True:  # torch.save fails from the second checkpoint on, as on a full disk
+        import runpy, sys, torch
+        real, saves = torch.save, []
+        def full(obj, f, *args, **kwargs):
+            saves.append(f)
+            if len(saves) > 1:
+                raise OSError(28, "No space left on device")
+            real(obj, f, *args, **kwargs)
+        torch.save, sys.argv[0] = full, "ppo_continuous.py"
+        runpy.run_path("{ROOT}/ppo_continuous.py", run_name="__main__")"""
+    flags = "--env-id InvertedPendulum-v5 --total-timesteps 256 --num-steps 64 --num-minibatches 2 --checkpoint-interval 1"
+    line = one_error_line(run("-c", launch, *flags.split(), "--no-compile", cwd=tmp_path), code=1)
+    path = os.path.join(only_run_dir(), "ppo_continuous.pt")
+    assert line == f"error: no space left on device writing {path}; the checkpoint of step 64 is kept in {path}"

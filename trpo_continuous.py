@@ -69,7 +69,7 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team or user) of --track; none: the default of the logged-in account"""
     compile: Annotated[bool | None, tyro.conf.DisallowNone] = None
-    """compile the value function's minibatch step (eager if it cannot); unset: only a run of 25,000 of them or more"""
+    """compile the value function's minibatch step (eager if it cannot); unset: only a run of 70,000 of them or more"""
     capture_video: bool = False
     """whether to record videos of the first environment to `runs/{run_name}/videos`"""
     save_model: bool = False

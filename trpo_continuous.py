@@ -881,8 +881,11 @@ class Run(contextlib.ExitStack):
         save_checkpoint(self.path, state)
         self.saved = state["global_step"], self.path
 
+    def kept(self) -> str:
+        """Which checkpoint a run that stops on a fault leaves behind."""
+        return "; the checkpoint of step {} is kept in {}".format(*self.saved) if self.saved else ""
+
     def __exit__(self, kind, error, traceback) -> bool:
-        kept = lambda: "; the checkpoint of step {} is kept in {}".format(*self.saved) if self.saved else ""  # noqa: E731
         try:
             if self.last_good is None and not self.loaded:  # the setup failed: a new run leaves nothing behind
                 shutil.rmtree(self.dir)
@@ -891,9 +894,11 @@ class Run(contextlib.ExitStack):
             elif isinstance(error, NumericalFault):
                 if self.keeps:
                     self.save(self.last_good)
-                raise NumericalFault(f"{self.args.env_id}, iteration {self.last_good['iteration'] + 1}: {error}{kept()}")
+                iteration = self.last_good["iteration"] + 1
+                raise NumericalFault(f"{self.args.env_id}, iteration {iteration}: {error}{self.kept()}") from None
             elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise MachineFault(f"{os.strerror(error.errno).lower()} writing {error.filename or self.dir}{kept()}")
+                reason = f"{os.strerror(error.errno).lower()} writing {error.filename or self.dir}"
+                raise MachineFault(reason + self.kept()) from None
             elif error is None:
                 self.finish()
         finally:

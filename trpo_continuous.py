@@ -887,11 +887,7 @@ class Run(contextlib.ExitStack):
 
     def __exit__(self, kind, error, traceback) -> bool:
         try:
-            if self.last_good is None and not self.loaded:  # the setup failed: a new run leaves nothing behind
-                shutil.rmtree(self.dir)
-                with contextlib.suppress(OSError):
-                    os.rmdir("runs")
-            elif isinstance(error, NumericalFault):
+            if isinstance(error, NumericalFault):
                 if self.keeps:
                     self.save(self.last_good)
                 iteration = self.last_good["iteration"] + 1
@@ -902,7 +898,11 @@ class Run(contextlib.ExitStack):
             elif error is None:
                 self.finish()
         finally:
-            super().__exit__(kind, error, traceback)
+            super().__exit__(kind, error, traceback)  # the callbacks: the writer, the environments, the lock, ...
+            if self.last_good is None and not self.loaded:  # the setup failed: a new run leaves nothing behind
+                shutil.rmtree(self.dir)
+                with contextlib.suppress(OSError):
+                    os.rmdir("runs")
         return False
 
     def finish(self) -> None:
@@ -1081,15 +1081,14 @@ def compiled(step: Callable) -> Callable:
     """`step` compiled by torch.compile: the loss with its backward pass, the clipping and Adam's step in a few graphs
     (`zero_grad` and `backward()` itself stay eager). If it fails to compile (no C++ compiler, an unsupported platform,
     ...): a one-line note, and `step` from then."""
-    fast = []  # the compiled step, made at the first call; `step` itself once compiling has failed
+    fast = [torch.compile(step)]  # compiled at its first call; `step` itself once compiling has failed
 
     def run(agent: Agent, optimizer: torch.optim.Adam, mb: dict[str, Tensor], args: Args) -> Tensor:
-        if not fast:
-            fast.append(torch.compile(step))
         try:
-            if fast[0] is not step:
-                return fast[0](agent, optimizer, mb, args)
+            return fast[0](agent, optimizer, mb, args)
         except Exception as e:
+            if fast[0] is step:  # an error of the step itself, not of compiling
+                raise
             fast[0] = step
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             print(f"note: torch.compile failed ({reason}); the update runs eagerly, as with --no-compile", file=sys.stderr)

@@ -122,12 +122,13 @@ def evaluate(
     seed: int = 0,
     video_dir: str | None = None,
 ) -> list[float]:
-    """Run the checkpoint's policy for `episodes` episodes (the first recorded into `video_folder` with `capture_video`);
-    returns their raw returns."""
+    """Run the checkpoint's policy for `episodes` episodes (the first recorded into `video_folder` with `capture_video`, which
+    it names); returns their raw returns."""
     env, act = make_policy(path, env_id, capture_video, stochastic, seed)
     if capture_video:
         folder = video_folder(path, env.spec.id, video_dir)
         env = gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda episode: episode == 0, name_prefix="eval")
+        print(f"recording the first episode into {folder}/")
     return run_episodes(env, act, episodes, seed)
 
 
@@ -139,9 +140,6 @@ def main(args: Args) -> None:
     for episode, episodic_return in enumerate(returns):
         print(f"episode {episode}: return {episodic_return:.1f}")
     print(f"mean return over {len(returns)} episodes: {np.mean(returns):.1f} ± {np.std(returns):.1f}")
-    if args.capture_video:
-        env_id = args.env_id or torch.load(args.checkpoint, weights_only=True)["args"]["env_id"]
-        print(f"videos in {video_folder(args.checkpoint, env_id, args.video_dir)}/")
 
 
 if __name__ == "__main__":

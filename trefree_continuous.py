@@ -646,6 +646,7 @@ class Run(contextlib.ExitStack):
         step: a resume drops them with the rest)."""
         step = self.last_good["global_step"]
         if self.stopped:
+            self.progress.close()  # the progress line ends before this one
             resume = f"; continue with --resume {self.path}" * self.keeps
             return print(f"stopped by {signal.Signals(self.stopped).name} at step {step}{resume}", file=sys.stderr)
         if self.keeps:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
+import submitit
 import tyro
 
 from utils.logs import one_line_errors, reason
@@ -159,10 +160,15 @@ def run_job(command: list[str], out_dir: str, name: str) -> None:
         env = os.environ | {"OMP_NUM_THREADS": "1"}
         code = subprocess.run(command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
-        with open(log_path, errors="replace") as log:
-            tail = "".join(line.split("\r")[-1] for line in log.readlines()[-5:])
+        tail = "".join(line + "\n" for line in log_tail(log_path))
         raise RuntimeError(f"{name} failed (exit code {code}): {' '.join(command)}\n{tail}")
     open(os.path.join(out_dir, "done", name), "w").close()
+
+
+def log_tail(path: str, count: int = 5) -> list[str]:
+    """The last `count` lines of a job's log as a terminal shows them (a progress line's last state)."""
+    with open(path, errors="replace") as log:
+        return [line.split("\r")[-1] for line in log.read().removesuffix("\n").split("\n")[-count:]]
 
 
 def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dict[str, str]:
@@ -190,10 +196,36 @@ def run_local(commands: dict[str, list[str]], out_dir: str, workers: int) -> dic
     return failures
 
 
+class SqueueWatcher(submitit.slurm.slurm.SlurmInfoWatcher):
+    """Job states from `squeue`, for a cluster without accounting (where submitit's `sacct` fails at every poll). A job
+    that squeue no longer lists has ended (it keeps them MinJobAge, 300 s by default, after they end)."""
+
+    def update(self) -> None:
+        pending = self._registered - self._finished
+        ids = ",".join(sorted({job_id.split("_")[0] for job_id in pending}))
+        if not ids:
+            return
+        self._num_calls += 1
+        command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={ids}"]
+        listed = subprocess.run(command, capture_output=True, text=True)
+        if listed.returncode != 0 and "Invalid job id" not in listed.stderr:
+            return  # the controller did not answer: the states are asked again at the next poll
+        states = dict(line.split("|", 1) for line in listed.stdout.split())
+        self._info_dict |= {job_id: {"State": states.get(job_id, "ENDED")} for job_id in pending}
+        self._last_status_check = time.time()
+        self._finished |= {job_id for job_id in pending if self.is_done(job_id, mode="cache")}
+
+
+def accounting_off() -> bool:
+    """Whether the SLURM cluster here keeps no accounting (so `sacct`, which submitit asks for job states, fails)."""
+    with contextlib.suppress(OSError):  # no scontrol: not a SLURM machine
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+        return re.search(r"^AccountingStorageType\s*=\s*accounting_storage/none$", config, re.MULTILINE) is not None
+    return False
+
+
 def make_executor(args: Args, out_dir: str, cluster: str = "slurm"):
     """A submitit executor for the sweep: a SLURM job array (`cluster="local"` runs it on this machine)."""
-    import submitit
-
     executor = submitit.AutoExecutor(folder=os.path.join(out_dir, "submitit"), cluster=cluster)
     executor.update_parameters(timeout_min=args.slurm_time, cpus_per_task=args.slurm_cpus_per_task, name="benchmark")
     if cluster == "slurm":
@@ -204,13 +236,31 @@ def make_executor(args: Args, out_dir: str, cluster: str = "slurm"):
 
 
 def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict[str, str]:
-    """Submit the jobs as one array and wait for them; returns the failures by job name (the last line of each error)."""
+    """Submit the jobs as one array and wait for them; returns the failures by job name, each reported in one line: the
+    job's exit code and error line (its script's, from its log), or the SLURM state of a job that ended without a result
+    (cancelled, timed out, its node lost)."""
     with executor.batch():
         jobs = {name: executor.submit(run_job, command, out_dir, name) for name, command in commands.items()}
-    failures = {
-        name: (str(e).strip().splitlines() or [type(e).__name__])[-1] for name, job in jobs.items() if (e := job.exception())
-    }
-    print("".join(f"{name} failed: {why}\n" for name, why in failures.items()), end="", file=sys.stderr)
+    if executor.cluster == "slurm" and accounting_off():
+        print("note: SLURM accounting is off on this cluster (no sacct): job states come from squeue", file=sys.stderr)
+        watcher = SqueueWatcher(delay_s=600)  # as submitit's: it polls at 2 s, 4 s, 8 s, ..., then every 10 min
+        for job in jobs.values():
+            job.watcher = watcher  # this job's, instead of the one that all of submitit's SLURM jobs share
+            watcher.register_job(job.job_id)
+    failures = {}
+    for name, job in jobs.items():
+        if (error := job.exception()) is None:
+            continue
+        log = os.path.join(out_dir, "logs", f"{name}.log")
+        if code := re.search(r"failed \(exit code (-?\d+)\)", str(error)):  # run_job's error: the script's exit code
+            tail = log_tail(log)  # the script's error line, or the last line it wrote (`stopped by SIGTERM at ...`)
+            failures[name] = f"exit code {code[1]}: {next((s for s in tail if s.startswith('error:')), tail[-1])} (log: {log})"
+        else:
+            state = re.search(r"\(state: (\w+)\)", str(error))
+            failures[name] = (
+                f"the SLURM job ended without a result (state {state[1] if state else 'unknown'}; job {job.job_id})"
+            )
+        print(f"{name} failed: {failures[name]}", file=sys.stderr)
     return failures
 
 

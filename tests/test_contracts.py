@@ -228,7 +228,8 @@ def test_utils_commands_keep_the_contract_and_never_overwrite_an_input(tmp_path)
     one_error_line(run("-m", "utils.speed", "--scripts", 'ppo_continuous "', cwd=ROOT))
     sweep = ["-m", "utils.benchmark", "--algos", "ppo", "--env-ids", "InvertedPendulum-v5", "--seeds", "1"]
     sweep += ["--total-timesteps", "2048", "--out-dir", str(tmp_path / "sweep")]
-    line = one_error_line(run(*sweep, "--launcher", "slurm", cwd=ROOT))
+    no_slurm = {"PATH": os.path.dirname(sys.executable)}  # a machine without SLURM's commands (here, one may run)
+    line = one_error_line(run(*sweep, "--launcher", "slurm", cwd=ROOT, env=no_slurm))
     assert "slurm" in line and not os.path.exists(tmp_path / "sweep")
     os.makedirs(tmp_path / "sweep")
     fcntl.flock(lock := os.open(tmp_path / "sweep", os.O_RDONLY), fcntl.LOCK_EX)  # the same sweep, running

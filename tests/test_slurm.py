@@ -1,8 +1,10 @@
 """The sweep's cluster path against SLURM itself: the one-node cluster of `utils/slurm_one_node.sh` (which `.ci/run`
-starts), a job array to its table, a sweep cancelled with `scancel` and submitted again, a job that fails on the node.
+starts), a job array to its table, a sweep cancelled with `scancel` (or warned of its time limit) and submitted again, a
+job that fails on the node.
 Where no cluster runs, these tests skip with the reason the script gave; `pytest -m "not slurm"` leaves them out. The
 squeue watcher (for a cluster without accounting) is also tested without a cluster, on squeue's answers."""
 
+import contextlib
 import glob
 import os
 import subprocess
@@ -64,7 +66,7 @@ def test_a_sweep_runs_as_a_slurm_job_array(cluster):
 
 
 @pytest.mark.slurm
-def test_a_cancelled_sweep_continues_each_job_in_its_run_folder(cluster):
+def test_a_cancelled_or_timed_out_sweep_continues_each_job_in_its_run_folder(cluster):
     flags = ["--algos", "trefree", "ppo", "--env-ids", "InvertedPendulum-v5", "--seeds", "1", "--total-timesteps", "30720"]
     command = _sweep(cluster, *flags, "--checkpoint-interval", "1", "--", *TINY)
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -72,7 +74,9 @@ def test_a_cancelled_sweep_continues_each_job_in_its_run_folder(cluster):
     while len(glob.glob(str(cluster / "runs" / "*" / "*.pt"))) < 2 and time.time() < deadline:  # both jobs running
         time.sleep(0.2)
     (submission,) = glob.glob(str(cluster / "submitit" / "*_submission.sh"))
-    subprocess.run(["scancel", os.path.basename(submission).split("_")[0]], check=True)
+    array = os.path.basename(submission).split("_")[0]
+    subprocess.run(["scancel", f"{array}_0"], check=True)  # SIGTERM, then SIGKILL 30 s later
+    subprocess.run(["scancel", "--signal=USR2", f"{array}_1"], check=True)  # as 90 s before the job's time limit
     out, err = first.communicate(timeout=120)
     assert first.returncode == 1 and "0 jobs finished, 2 failed" in out, err
     runs = sorted(glob.glob(str(cluster / "runs" / "*")))
@@ -126,3 +130,34 @@ def test_the_squeue_watcher_reads_job_states(monkeypatch):
     assert watcher.get_state("7_0", mode="cache") == "ENDED" and calls[-1][-1] == "--jobs=7"
     watcher.update()
     assert len(calls) == 3  # every job has ended: nothing left to ask
+
+
+def test_each_failed_job_is_named_in_one_line_with_why(tmp_path, capsys):
+    """Without a cluster, submitit's three endings of a failed job, each one line: the script's exit code and error line
+    (from its log), the state of a job that never ran (cancelled while pending), submitit's error (its time limit)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    os.makedirs(tmp_path / "logs")
+    (tmp_path / "logs" / "a.log").write_text("note: ...\n\r 10%|█ | 1/10 [00:01]\rerror: the environment returned a NaN\n")
+    trace = "failed during processing with trace:\n---\nTraceback (most recent call last):\n  File ...\n"
+    errors = {
+        "a": FailedJobError(f"{trace}RuntimeError: a failed (exit code 3): python x.py\n"),
+        "b": UncompletedJobError(
+            "Job 7_1 (task: 0) with path /x/7_1_0_result.pkl\nhas not produced any output (state: CANCELLED)"
+        ),
+        "c": FailedJobError(
+            f"{trace}submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out and not "
+            "checkpointable.\n---\nYou can check full logs with ..."
+        ),
+        "d": None,
+    }
+    jobs = {name: SimpleNamespace(exception=lambda e=e: e, job_id=f"7_{i}") for i, (name, e) in enumerate(errors.items())}
+    pending = iter(jobs.values())
+    executor = SimpleNamespace(cluster="local", batch=contextlib.nullcontext, submit=lambda *_: next(pending))
+    failures = benchmark.run_submitit({name: [] for name in jobs}, str(tmp_path), executor)
+    assert failures == {
+        "a": f"exit code 3: error: the environment returned a NaN (log: {tmp_path}/logs/a.log)",
+        "b": "the job ended outside its script (state CANCELLED; job 7_1)",
+        "c": "the job ended outside its script (Job not requeued because: timed-out and not checkpointable.; job 7_2)",
+    }
+    assert capsys.readouterr().err.splitlines() == [f"{name} failed: {why}" for name, why in failures.items()]

@@ -19,8 +19,10 @@ import io
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -154,11 +156,20 @@ def check_jobs(commands: dict[str, list[str]], out_dir: str) -> None:
 
 def run_job(command: list[str], out_dir: str, name: str) -> None:
     """Run one job to completion in `out_dir`, its output in `logs/<name>.log`; mark it done, or raise RuntimeError with
-    its command and the end of its log. Called locally, or on a SLURM node by submitit."""
+    its command and the end of its log. Called locally, or on a SLURM node by submitit: there, the warning that the time
+    limit is near (SIGUSR2, 90 s before it) reaches the script as SIGTERM, so that it stops at the end of its iteration
+    with a checkpoint from which the sweep submitted again continues (it would die of SIGUSR2 mid-iteration)."""
     log_path = os.path.join(out_dir, "logs", f"{name}.log")
+    on_node = "SLURM_JOB_ID" in os.environ and threading.current_thread() is threading.main_thread()
+    ignore_usr2 = (lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)) if on_node else None  # in the script, from its start
     with open(log_path, "a") as log:
         env = os.environ | {"OMP_NUM_THREADS": "1"}
-        code = subprocess.run(command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        with subprocess.Popen(
+            command, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=ignore_usr2
+        ) as process:
+            if on_node:  # instead of submitit's handler, which ends the job at once
+                signal.signal(signal.SIGUSR2, lambda signum, frame: process.terminate())
+            code = process.wait()
     if code != 0:
         tail = "".join(line + "\n" for line in log_tail(log_path))
         raise RuntimeError(f"{name} failed (exit code {code}): {' '.join(command)}\n{tail}")
@@ -237,8 +248,7 @@ def make_executor(args: Args, out_dir: str, cluster: str = "slurm"):
 
 def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict[str, str]:
     """Submit the jobs as one array and wait for them; returns the failures by job name, each reported in one line: the
-    job's exit code and error line (its script's, from its log), or the SLURM state of a job that ended without a result
-    (cancelled, timed out, its node lost)."""
+    job's exit code and error line (its script's, from its log), or why a job ended outside its script."""
     with executor.batch():
         jobs = {name: executor.submit(run_job, command, out_dir, name) for name, command in commands.items()}
     if executor.cluster == "slurm" and accounting_off():
@@ -255,11 +265,10 @@ def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict
         if code := re.search(r"failed \(exit code (-?\d+)\)", str(error)):  # run_job's error: the script's exit code
             tail = log_tail(log)  # the script's error line, or the last line it wrote (`stopped by SIGTERM at ...`)
             failures[name] = f"exit code {code[1]}: {next((s for s in tail if s.startswith('error:')), tail[-1])} (log: {log})"
-        else:
-            state = re.search(r"\(state: (\w+)\)", str(error))
-            failures[name] = (
-                f"the SLURM job ended without a result (state {state[1] if state else 'unknown'}; job {job.job_id})"
-            )
+        else:  # ended outside the script: cancelled before it started, its time limit (submitit's error), its node lost
+            state, raised = re.search(r"\(state: (\w+)\)", str(error)), re.findall(r"^\S+Error: (.+)$", str(error), re.M)
+            why = f"state {state[1]}" if state else raised[-1] if raised else str(error).strip().split("\n")[0]
+            failures[name] = f"the job ended outside its script ({why}; job {job.job_id})"
         print(f"{name} failed: {failures[name]}", file=sys.stderr)
     return failures
 

@@ -26,7 +26,7 @@ ready() { [ "$(sinfo --noheader --format=%t 2>/dev/null)" = idle ] || [ "$(sinfo
 
 stop() {
     if alive slurmctld; then
-        scancel --full --user="$(id -un)" 2>/dev/null
+        scancel --user="$(id -un)" 2>/dev/null
     fi
     for daemon in slurmd slurmctld munged; do
         if alive "$daemon"; then

@@ -161,3 +161,25 @@ def test_each_failed_job_is_named_in_one_line_with_why(tmp_path, capsys):
         "c": "the job ended outside its script (Job not requeued because: timed-out and not checkpointable.; job 7_2)",
     }
     assert capsys.readouterr().err.splitlines() == [f"{name} failed: {why}" for name, why in failures.items()]
+
+
+def test_a_cluster_whose_controller_does_not_answer_gets_nothing(tmp_path):
+    """SLURM's commands, but a controller that does not answer (as `scontrol ping` says it, stopped): one error line, exit
+    code 1 (a fault of the cluster, not of the input), no folder, nothing submitted."""
+    bin_dir = tmp_path / "bin"
+    os.makedirs(bin_dir)
+    for command, text in (
+        ("srun", "exit 0"),
+        ("sbatch", "touch $0.called"),
+        ("scontrol", "echo 'Slurmctld(primary) at vm is DOWN'; exit 1"),
+    ):
+        (bin_dir / command).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / command).chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}"}
+    flags = ["--algos", "ppo", "--env-ids", "InvertedPendulum-v5", "--seeds", "1", "--total-timesteps", "2048"]
+    done = subprocess.run(_sweep(tmp_path / "sweep", *flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and lines == [
+        "error: the SLURM controller does not answer (Slurmctld(primary) at vm is DOWN); nothing was submitted"
+    ], done.stderr
+    assert not (tmp_path / "sweep").exists() and not (bin_dir / "sbatch.called").exists()

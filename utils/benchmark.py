@@ -289,6 +289,10 @@ def main(args: Args, extra: list[str]) -> int:
         print("".join(f"{name}: (cd {out_dir} && {' '.join(command)})\n" for name, command in commands.items()), end="")
         return 0
     executor = make_executor(args, out_dir) if args.launcher == "slurm" else None  # no SLURM: refused before any folder
+    if executor and (ping := subprocess.run(["scontrol", "ping"], capture_output=True, text=True)).returncode != 0:
+        answer = (ping.stdout + ping.stderr).strip().split("\n")[0]  # a fault of the cluster, not of the input: exit 1
+        print(f"error: the SLURM controller does not answer ({answer}); nothing was submitted", file=sys.stderr)
+        return 1
     for sub in ("runs", "logs", "done"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     try:  # one sweep at a time in --out-dir: a lock that goes with this process, however it ends

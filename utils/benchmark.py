@@ -261,9 +261,9 @@ def run_submitit(commands: dict[str, list[str]], out_dir: str, executor) -> dict
     for name, job in jobs.items():
         if (error := job.exception()) is None:
             continue
-        log = os.path.join(out_dir, "logs", f"{name}.log")
         if code := re.search(r"failed \(exit code (-?\d+)\)", str(error)):  # run_job's error: the script's exit code
-            tail = log_tail(log)  # the script's error line, or the last line it wrote (`stopped by SIGTERM at ...`)
+            # the script's error line, or the last line it wrote (`stopped by SIGTERM at ...`)
+            tail = log_tail(log := os.path.join(out_dir, "logs", f"{name}.log"))
             failures[name] = f"exit code {code[1]}: {next((s for s in tail if s.startswith('error:')), tail[-1])} (log: {log})"
         else:  # ended outside the script: cancelled before it started, its time limit (submitit's error), its node lost
             state, raised = re.search(r"\(state: (\w+)\)", str(error)), re.findall(r"^\S+Error: (.+)$", str(error), re.M)

@@ -22,7 +22,7 @@ fail() {
 
 alive() { [ -s "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
 
-ready() { [ "$(sinfo --noheader --format=%t 2>/dev/null)" = idle ] || [ "$(sinfo --noheader --format=%t 2>/dev/null)" = mix ]; }
+ready() { [[ "$(sinfo --noheader --format=%t 2>/dev/null)" =~ ^(idle|mix)$ ]]; }
 
 stop() {
     if alive slurmctld; then
